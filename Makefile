@@ -1,0 +1,46 @@
+# fastiaa. Every target creates the virtual environment it needs (.venv) on first use.
+#   make train                          kanji demo (real glyph images), efficientnet_lite0, MS + IAA
+#   make train DATASET=stanford DATA=/path/to/datasets WEIGHTS=/path/to/weights [NPROC=8] [ARGS="..."]
+#   make test | make bench | make data | make clean
+PYTHON  ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+DATASET ?= kanji
+DATA    ?= $(if $(filter kanji,$(DATASET)),data/kanji,MyDataset)
+WEIGHTS ?=
+NPROC   ?= 1
+ARGS    ?=
+KANJI   := data/kanji/Ebay_test.txt
+LAUNCH  := $(if $(filter 1,$(NPROC)),$(BIN)/fastiaa,$(BIN)/torchrun --nproc-per-node $(NPROC) -m fastiaa)
+
+.PHONY: all venv train reproduce test bench data clean
+all: venv
+
+venv: $(STAMP)
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -e '.[test]'
+	touch $@
+
+data: $(KANJI)
+$(KANJI): | $(STAMP)
+	$(BIN)/fastiaa data kanji --out data/kanji
+
+train: $(STAMP) $(if $(filter kanji,$(DATASET)),$(KANJI))
+	$(LAUNCH) train --preset $(DATASET) --data $(DATA) $(if $(WEIGHTS),--weight_path $(WEIGHTS)) $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP) $(KANJI)
+	$(BIN)/python bench/bench_eval.py
+	$(BIN)/python bench/bench_estimator.py
+	$(BIN)/python bench/bench_synthesis.py
+	$(BIN)/python bench/bench_pipeline.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

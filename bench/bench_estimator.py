@@ -1,0 +1,437 @@
+"""Estimator benchmark (issue 4): class statistics refresh and neighbour correction, fastiaa
+against the authors' algorithm re-implemented from spec IAA.md §3-4 as they wrote it.
+
+Data: two refreshes of class-centre + noise embeddings (the second drifted from the first);
+the first is folded untimed, the second is the timed refresh (so the momentum fold runs).
+  Cars scale: 8,054 x 512, 98 classes of 59-97 images (mean 82.2).
+  SOP scale:  59,551 x 512, 11,318 classes of 2-12 images (mean 5.26; bench_eval.sop_like).
+
+Methods, each in its own process (bench/common.py: wall time, peak RSS above its inputs):
+  authors dense     (Cars) the official small-dataset estimator: one-hot expansion of the
+                    embeddings to [N, C, D], sums over N, parallel-variance fold (diagonal)
+  authors loops     (SOP) the official large-dataset path: a Python loop over classes for
+                    the statistics; the two class-by-class distance matrices (torch.cdist),
+                    then a Python loop over classes for top-K, weights and weighted sums.
+                    That last loop costs ~15-30 ms per class here (3-6 minutes for all
+                    11,318): by default it runs on every 10th class and its time is scaled
+                    by 10 (the row is marked ~; --full-baseline runs all classes)
+  fastiaa           ClassStatistics("diag").update (+ .corrected() at SOP scale)
+  fastiaa full      ClassStatistics("full").update at Cars scale (dense [C, D, D])
+  fastiaa low-rank  LowRankStatistics(max_history=1).update + .corrected() at SOP scale:
+                    full covariances in low-rank form (dense would be 12 GB) and the
+                    sampling factor. Its covariance distances cost R² D for R kept rows
+                    (R = N + C here; ~H (N + C) with max_history = H): a GPU job at H = 4
+  floor             the two C x C x D products behind the distance matrices, alone
+
+Both sides follow fastiaa's (paper) conventions so results can be compared: min-max over
+the candidate classes (spec §4 quirk (c) off). The authors' code also loops over classes
+for the distances themselves (one row per class); that variant is timed on a sample of
+classes and extrapolated ("authors, row distances", marked ~).
+
+Usage: python bench/bench_estimator.py [--small] [--skip-lowrank] [--full-baseline]
+Prints result differences (must be < 1e-5 relative) and Markdown tables. With CUDA present
+it also times the GPU paths (Triton vs PyTorch) in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_eval import sop_like  # noqa: E402
+from common import measure_in_child  # noqa: E402
+
+CARS = dict(n=8054, classes=98, dim=512)
+SOP = dict(n=59551, classes=11318, dim=512)
+SMALL_CARS = dict(n=2000, classes=25, dim=512)
+SMALL_SOP = dict(n=5955, classes=1132, dim=512)
+MOMENTUM, NEIGHBORS, BETA, GAMMA, TAU = 0.2, 25, 0.1, 0.1, 40
+
+
+def cars_like(n: int, classes: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """[n, dim] float32 embeddings, [n] int64 labels; class sizes 59-97 (Cars-196 train) summing to n."""
+    rng = np.random.default_rng(seed)
+    sizes = np.full(classes, n // classes)
+    sizes[: n - int(sizes.sum())] += 1
+    for i in range(0, classes - 1, 2):  # spread the sizes pairwise, keeping the total and 59..97
+        move = int(rng.integers(0, max(0, min(sizes[i] - 59, 97 - sizes[i + 1])) + 1))
+        sizes[i] -= move
+        sizes[i + 1] += move
+    labels = rng.permutation(np.repeat(np.arange(classes), sizes))
+    centres = rng.standard_normal((classes, dim), dtype=np.float32)
+    x = centres[labels] + 1.1 * rng.standard_normal((n, dim), dtype=np.float32)
+    return x, labels.astype(np.int64)
+
+
+# ------------------------------------------------------------------ the authors' algorithm
+
+class AuthorsDense:
+    """Official small-dataset estimator (diagonal), one-hot expansion to [N, C, D]."""
+
+    def __init__(self, num_classes: int, dim: int):
+        import torch
+
+        self.ave = torch.zeros(num_classes, dim)
+        self.cov = torch.zeros(num_classes, dim)
+        self.amount = torch.zeros(num_classes)
+
+    def update(self, features, labels):
+        import torch
+
+        n, d = features.shape
+        c = self.ave.shape[0]
+        onehot = torch.zeros(n, c).scatter_(1, labels.view(-1, 1), 1)
+        onehot_ncd = onehot.view(n, c, 1).expand(n, c, d)
+        by_class = features.view(n, 1, d).expand(n, c, d).mul(onehot_ncd)
+        amount = onehot_ncd.sum(0)
+        amount[amount == 0] = 1
+        ave = by_class.sum(0) / amount
+        var = (by_class - ave.expand(n, c, d).mul(onehot_ncd)).pow(2).sum(0) / amount
+        n_new = onehot.sum(0).view(c, 1).expand(c, d)
+        w = n_new / (n_new + self.amount.view(c, 1).expand(c, d))
+        w[w != w] = 0
+        w = torch.where(n_new > 0, w.clamp_min(1 - MOMENTUM), w)
+        extra = w * (1 - w) * (self.ave - ave).pow(2)
+        self.cov = self.cov * (1 - w) + var * w + extra
+        self.ave = self.ave * (1 - w) + ave * w
+        self.amount += onehot.sum(0)
+
+
+class AuthorsLoops:
+    """Official large-dataset path: Python loops over classes (diagonal covariance)."""
+
+    def __init__(self, num_classes: int, dim: int):
+        import torch
+
+        self.ave = torch.zeros(num_classes, dim)
+        self.cov = torch.zeros(num_classes, dim)
+        self.amount = torch.zeros(num_classes)
+        self.size = torch.zeros(num_classes, dtype=torch.int64)
+
+    def update(self, features, labels):
+        for k in range(self.ave.shape[0]):
+            f = features[labels == k]
+            n = f.shape[0]
+            if n == 0:
+                continue
+            mu = f.mean(0)
+            var = (f - mu).pow(2).mean(0)
+            w = max(n / (n + float(self.amount[k])), 1 - MOMENTUM)
+            self.cov[k] = (1 - w) * self.cov[k] + w * var + w * (1 - w) * (self.ave[k] - mu).pow(2)
+            self.ave[k] = (1 - w) * self.ave[k] + w * mu
+            self.amount[k] += n
+            self.size[k] = n
+
+    def distances(self):
+        import torch
+
+        mean_sq = self.ave**2
+        return torch.cdist(mean_sq, mean_sq), torch.cdist(self.cov, self.cov)
+
+    def corrected(self, row_distances: bool = False, classes=None):
+        import torch
+
+        size = self.size.float()
+        cand = self.size > 1
+        glob = (size[cand, None] * self.cov[cand]).sum(0) / size[cand].sum()
+        mean_sq = self.ave**2
+        if not row_distances:
+            dist_m, dist_cv = self.distances()
+        out = self.cov.clone()
+        start = time.perf_counter()
+        for k in range(self.ave.shape[0]) if classes is None else classes:
+            n = int(self.size[k])
+            if not 1 <= n < TAU:
+                continue
+            alpha = 1 / (1 + math.log(1 + BETA * (n - 1)))
+            if row_distances:
+                row_m = (mean_sq - mean_sq[k]).norm(dim=1)
+                row_cv = (self.cov - self.cov[k]).norm(dim=1)
+            else:
+                row_m, row_cv = dist_m[k], dist_cv[k]
+            mask = cand.clone()
+            mask[k] = False
+            idx = row_m.masked_fill(~mask, 1e12).topk(NEIGHBORS, largest=False).indices
+            m_c, cv_c = row_m[mask], row_cv[mask]
+            dm = (row_m[idx] - m_c.min()) / (m_c.max() - m_c.min())
+            dcv = (row_cv[idx] - cv_c.min()) / (cv_c.max() - cv_c.min())
+            w = size[idx] * torch.exp(-dm**2 / 2 - dcv**2 / 2)
+            neighbor = (w[:, None] * self.cov[idx]).sum(0) / w.sum()
+            out[k] = (1 - alpha) * self.cov[k] + alpha * ((1 - GAMMA) * neighbor + GAMMA * glob)
+        self.loop_seconds = time.perf_counter() - start
+        return out
+
+
+# ------------------------------------------------------------------ loaders (untimed) and methods
+
+def load(path: str, kind: str):
+    """Inputs of one method: its estimator after the first refresh, the second refresh's data."""
+    import torch
+
+    data = np.load(path)
+    x0, x1 = torch.from_numpy(data["x0"]), torch.from_numpy(data["x1"])
+    labels = torch.from_numpy(data["labels"])
+    c, d = int(labels.max()) + 1, x0.shape[1]
+    if kind == "floor":
+        from fastiaa.iaa import ClassStatistics
+
+        stats = ClassStatistics(c, d)
+        stats.update(x1, labels)
+        return stats.mean**2, stats.covariance
+    if kind == "authors dense":
+        est = AuthorsDense(c, d)
+    elif kind == "authors loops":
+        est = AuthorsLoops(c, d)
+    elif kind == "fastiaa low-rank":
+        from fastiaa.iaa.lowrank import LowRankStatistics
+
+        est = LowRankStatistics(c, d, momentum=MOMENTUM, max_history=1)
+    else:
+        from fastiaa.iaa import ClassStatistics
+
+        est = ClassStatistics(c, d, covariance="full" if kind == "fastiaa full" else "diag", momentum=MOMENTUM)
+    est.update(x0, labels)
+    _release_free_heap()
+    return est, x1, labels
+
+
+def _release_free_heap() -> None:
+    """Return freed heap pages to the OS (glibc malloc_trim) so that the timed call's own
+    allocations raise the resident set and show in its peak, instead of reusing the pages
+    the untimed first refresh left resident."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: peaks may then read low
+        pass
+
+
+def refresh(est, x, labels):
+    est.update(x, labels)
+    return {"mean": est.ave if hasattr(est, "ave") else est.mean,
+            "cov": est.cov if hasattr(est, "cov") else est.covariance}
+
+
+def refresh_correct(est, x, labels):
+    est.update(x, labels)
+    return {"mean": est.ave if hasattr(est, "ave") else est.mean, "cov": est.corrected()}
+
+
+SAMPLE_STEP = 10
+
+
+def refresh_correct_sampled(est, x, labels):
+    """The authors' refresh and distances in full, their correction loop on every
+    SAMPLE_STEP-th class; the loop's time is reported for scaling."""
+    est.update(x, labels)
+    classes = list(range(0, est.ave.shape[0], SAMPLE_STEP))
+    cov = est.corrected(classes=classes)
+    return {"mean": est.ave, "cov": cov, "classes": classes, "loop_seconds": est.loop_seconds}
+
+
+def refresh_correct_lowrank(est, x, labels):
+    est.update(x, labels)
+    factor = est.corrected(num_neighbors=NEIGHBORS, beta=BETA, gamma=GAMMA, tau=TAU)
+    return {"rows": factor.rows.shape[0], "entries": factor.entry_row.numel(), "factor_bytes": factor.nbytes(),
+            "history_bytes": est.memory_bytes()}
+
+
+def floor_products(a, b):
+    """The two C x C x D Gram products behind the distance matrices (the shared floor)."""
+    a @ a.T
+    b @ b.T
+    return {}
+
+
+def row_distance_sample(est, x, labels, sample: int = 100):
+    """The authors' refresh, then their correction loop with per-class distance rows on
+    ``sample`` classes: seconds of the refresh and per corrected class (for extrapolation)."""
+    start = time.perf_counter()
+    est.update(x, labels)
+    update_seconds = time.perf_counter() - start
+    est.corrected(row_distances=True, classes=range(sample))
+    return {"update": update_seconds, "per_class": est.loop_seconds / sample}
+
+
+# ------------------------------------------------------------------ main
+
+def rel(a, b) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def run(name, path, kind, method, results):
+    m = measure_in_child(load, (path, kind), method)
+    results[name] = m
+    print(f"  {name}: {m.seconds:.2f} s, peak +{m.peak_mib:.0f} MiB", flush=True)
+    return m
+
+
+def save(tmp: str, tag: str, x, labels) -> str:
+    rng = np.random.default_rng(1)
+    x1 = x + 0.3 * rng.standard_normal(x.shape, dtype=np.float32)
+    path = os.path.join(tmp, f"{tag}.npz")
+    np.savez(path, x0=x, x1=x1, labels=labels)
+    return path
+
+
+def describe(x, labels, name):
+    sizes = np.bincount(labels)
+    print(f"{name}: {len(x):,} x {x.shape[1]} float32, {len(sizes):,} classes of {sizes.min()}-{sizes.max()} "
+          f"(mean {sizes.mean():.2f})", flush=True)
+
+
+def cpu_section(args, tmp):
+    cores = len(os.sched_getaffinity(0))
+    cars = SMALL_CARS if args.small else CARS
+    sop = SMALL_SOP if args.small else SOP
+
+    x, labels = cars_like(**cars)
+    describe(x, labels, "Cars-like")
+    path = save(tmp, "cars", x, labels)
+    res = {}
+    run("authors dense", path, "authors dense", refresh, res)
+    run("fastiaa", path, "fastiaa", refresh, res)
+    run("fastiaa full", path, "fastiaa full", refresh, res)
+    a, f = res["authors dense"].result, res["fastiaa"].result
+    print(f"  max relative difference fastiaa vs authors: mean {rel(f['mean'], a['mean']):.1e}, "
+          f"covariance {rel(f['cov'], a['cov']):.1e}")
+    diag_of_full = res["fastiaa full"].result["cov"].diagonal(dim1=1, dim2=2)
+    print(f"  full vs diagonal (diag of full): {rel(diag_of_full, f['cov']):.1e}")
+    base = res["authors dense"]
+    print(f"\n| one refresh, Cars-like ({len(x):,} x {x.shape[1]}, {cores} CPU cores) | seconds | "
+          "authors' time / time | peak MiB | authors' peak / peak |")
+    print("|---|---|---|---|---|")
+    for name, m in res.items():
+        print(f"| {name} | {m.seconds:.3f} | {base.seconds / m.seconds:.1f} | {m.peak_mib:.0f} | "
+              f"{base.peak_mib / max(m.peak_mib, 1):.1f} |")
+
+    x, labels = sop_like(**sop)
+    describe(x, labels, "\nSOP-like")
+    path = save(tmp, "sop", x, labels)
+    res = {}
+    baseline = refresh_correct if args.full_baseline else refresh_correct_sampled
+    run("authors loops", path, "authors loops", baseline, res)
+    run("fastiaa", path, "fastiaa", refresh_correct, res)
+    run("floor: two C x C x D products", path, "floor", floor_products, res)
+    if not args.skip_lowrank:
+        run("fastiaa low-rank full", path, "fastiaa low-rank", refresh_correct_lowrank, res)
+    rows = measure_in_child(load, (path, "authors loops"), row_distance_sample)
+    a, f = res["authors loops"].result, res["fastiaa"].result
+    base_seconds = res["authors loops"].seconds
+    compared = slice(None)
+    if not args.full_baseline:
+        base_seconds += (SAMPLE_STEP - 1) * a["loop_seconds"]
+        compared = a["classes"]
+        print(f"  authors' correction loop: {a['loop_seconds']:.1f} s for {len(compared):,} classes; "
+              f"scaled total {base_seconds:.1f} s")
+    err = (f["cov"][compared].double() - a["cov"][compared].double()).abs().amax(1) / a["cov"].double().abs().max()
+    print(f"  max relative difference fastiaa vs authors: mean {rel(f['mean'], a['mean']):.1e}, corrected "
+          f"covariance {float(err.max()):.1e} over {err.numel():,} classes ({int((err > 1e-5).sum())} above 1e-5)")
+    floor = res["floor: two C x C x D products"]
+    num_classes = len(np.bincount(labels))
+    print(f"\n| refresh + neighbour correction, SOP-like ({len(x):,} x {x.shape[1]}, {num_classes:,} "
+          f"classes, {cores} CPU cores) | seconds | authors' time / time | time / floor | peak MiB |")
+    print("|---|---|---|---|---|")
+    for name, m in res.items():
+        seconds = base_seconds if name == "authors loops" else m.seconds
+        mark = "" if args.full_baseline or name != "authors loops" else "~ "
+        print(f"| {mark}{name} | {seconds:.2f} | {base_seconds / seconds:.1f} | {seconds / floor.seconds:.2f} | "
+              f"{m.peak_mib:.0f} |")
+    estimate = rows.result["update"] + rows.result["per_class"] * int(np.sum(np.bincount(labels) < TAU))
+    print(f"| ~ authors, row distances (correction loop extrapolated from 100 classes) | ~{estimate:.0f} | "
+          f"~{estimate / res['fastiaa'].seconds:.0f} | - | - |")
+    if "fastiaa low-rank full" in res:
+        lr = res["fastiaa low-rank full"].result
+        print(f"\nlow-rank full covariance: {lr['rows']:,} rows, {lr['entries']:,} factor entries, factor "
+              f"{lr['factor_bytes'] / 2**20:.0f} MiB, running rows {lr['history_bytes'] / 2**20:.0f} MiB "
+              f"(dense [C, D, D] float32 would be {len(np.bincount(labels)) * x.shape[1]**2 * 4 / 2**30:.1f} GiB)")
+
+
+def gpu_section(args):
+    """Triton kernels vs the PyTorch path on CUDA (time per call, peak CUDA memory)."""
+    import torch
+
+    from fastiaa import kernels
+    from fastiaa.iaa import ClassStatistics
+    from fastiaa.iaa.lowrank import LowRankStatistics
+
+    dev = "cuda"
+
+    def timed(fn, repeat=5):
+        fn()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for _ in range(repeat):
+            out = fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / repeat, torch.cuda.max_memory_allocated() / 2**20, out
+
+    print(f"\nGPU: {torch.cuda.get_device_name()}")
+    print("| GPU | backend | seconds | peak MiB |")
+    print("|---|---|---|---|")
+    for tag, maker, shape in (("Cars", cars_like, SMALL_CARS if args.small else CARS),
+                              ("SOP", sop_like, SMALL_SOP if args.small else SOP)):
+        x, labels = maker(**shape)
+        x, labels = torch.from_numpy(x).to(dev), torch.from_numpy(labels).to(dev)
+        c = int(labels.max()) + 1
+        outs = {}
+        for backend in ("torch", "triton"):
+            kernels.set_backend(backend)
+            for full in ((False, True) if tag == "Cars" else (False,)):
+                sec, peak, out = timed(lambda: kernels.class_moments(x, labels, c, full))
+                outs[(backend, full)] = out
+                print(f"| class_moments {tag} {'full' if full else 'diag'} | {backend} | {sec:.5f} | {peak:.0f} |")
+            if tag == "SOP":
+                def diag_refresh():
+                    stats = ClassStatistics(c, x.shape[1], device=dev)
+                    stats.update(x, labels)
+                    return stats.corrected()
+                sec, peak, _ = timed(diag_refresh, repeat=2)
+                print(f"| refresh + correction SOP diag | {backend} | {sec:.3f} | {peak:.0f} |")
+                if not args.skip_lowrank:
+                    def lowrank_refresh():
+                        stats = LowRankStatistics(c, x.shape[1], device=dev)
+                        stats.update(x, labels)
+                        return stats.corrected()
+                    sec, peak, _ = timed(lowrank_refresh, repeat=1)
+                    print(f"| refresh + correction SOP low-rank full | {backend} | {sec:.3f} | {peak:.0f} |")
+        for key in outs:
+            if key[0] == "triton":
+                ref = outs[("torch", key[1])]
+                print(f"  {tag} {'full' if key[1] else 'diag'}: Triton vs torch relative difference "
+                      f"mean {rel(outs[key][1], ref[1]):.1e}, m2 {rel(outs[key][2], ref[2]):.1e}")
+    kernels.set_backend("auto")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="a quarter of Cars and a tenth of SOP, for a quick run")
+    parser.add_argument("--skip-lowrank", action="store_true", help="leave out the low-rank full covariance runs")
+    parser.add_argument("--gpu-only", action="store_true", help="only the CUDA section")
+    parser.add_argument("--full-baseline", action="store_true",
+                        help="run the authors' correction loop over all classes (minutes) instead of a sample")
+    args = parser.parse_args()
+    if not args.gpu_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            cpu_section(args, tmp)
+    import torch
+
+    if torch.cuda.is_available():
+        gpu_section(args)
+    else:
+        print("\nGPU: not measured (no CUDA device)")
+
+
+if __name__ == "__main__":
+    main()

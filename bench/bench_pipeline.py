@@ -1,0 +1,174 @@
+"""Train-pipeline benchmark (issue 5): images/s of fastiaa.pipelines, DALI against torchvision,
+with the same number of CPU threads, on two kinds of JPEGs, in one run.
+
+Data:
+  kanji    the demo set's train split (data/kanji, or a small one built into a temp folder):
+           small 96 px glyph JPEGs, so per-image overheads dominate.
+  photos   500x500 JPEGs (quality 90, the size of SOP photos) cut from scikit-image's bundled
+           colour photographs (random crops, flips and colour scaling), so decoding is realistic.
+
+Loaders, each in its own process (bench/common.py), built and run for one untimed warm-up epoch,
+then timed over one epoch (spec §2 train transform: resize 256x256, random resized crop 224, flip,
+ImageNet normalisation, float32 channels-last batches on the CPU):
+  dali          build_train_loader("dali"): DALI CPU pipeline, --threads threads
+  torchvision   build_train_loader("torchvision"): PIL in --threads DataLoader workers
+  authors       the authors' style: torchvision Compose(Resize, RandomResizedCrop, RandomHorizontalFlip,
+                ToTensor, Normalize) per sample in --threads workers, default collate
+
+With CUDA present, a GPU section times the DALI GPU pipeline (mixed decode, fp16 output) on photos.
+
+Usage: python bench/bench_pipeline.py [--threads 2] [--batch 64] [--iterations 8]
+Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import measure_in_child  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+PHOTO_SIDE = 500
+PHOTO_CLASSES, PHOTOS_PER_CLASS = 64, 4
+
+
+def make_photos(out: Path) -> Path:
+    """PHOTO_CLASSES x PHOTOS_PER_CLASS 500x500 JPEGs in SOP layout under ``out``; returns ``out``."""
+    import skimage.data as sd
+    from PIL import Image
+
+    if (out / "Ebay_train.txt").is_file():
+        return out
+    bases = [sd.astronaut(), sd.chelsea(), sd.coffee(), sd.rocket(), sd.immunohistochemistry(),
+             sd.hubble_deep_field(), sd.retina()]
+    rng = np.random.default_rng(0)
+    lines = ["image_id class_id super_class_id path"]
+    for c in range(PHOTO_CLASSES):
+        for k in range(PHOTOS_PER_CLASS):
+            base = bases[(c * PHOTOS_PER_CLASS + k) % len(bases)]
+            h, w = base.shape[:2]
+            side = int(rng.integers(min(h, w) // 2, min(h, w) + 1))
+            top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+            patch = base[top:top + side, left:left + side].astype(np.float32) * rng.uniform(0.7, 1.1, 3)
+            patch = np.clip(patch, 0, 255).astype(np.uint8)[:, ::-1 if rng.random() < 0.5 else 1]
+            rel = f"images/{c:03d}/{k}.jpg"
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(patch).resize((PHOTO_SIDE, PHOTO_SIDE), Image.BILINEAR).save(out / rel, quality=90)
+            lines.append(f"{len(lines)} {c + 1} 1 {rel}")
+    (out / "Ebay_test.txt").write_text("\n".join(lines[:1] + lines[1:PHOTOS_PER_CLASS + 1]) + "\n")
+    (out / "Ebay_train.txt").write_text("\n".join(lines) + "\n")
+    return out
+
+
+def kanji_root(tmp: Path) -> Path:
+    """The demo data of the repository, or a small build of it in ``tmp``."""
+    if (REPO / "data" / "kanji" / "Ebay_train.txt").is_file():
+        return REPO / "data" / "kanji"
+    from fastiaa.data import build_kanji
+
+    return build_kanji(tmp / "kanji", num_classes=400)
+
+
+class AuthorsImages:
+    """The authors' style of dataset: PIL + a torchvision Compose per sample (ToTensor, Normalize)."""
+
+    def __init__(self, images):
+        import torchvision.transforms as T
+
+        self.images = images
+        self.transform = T.Compose([
+            T.Resize((256, 256)), T.RandomResizedCrop(224, scale=(0.16, 1), ratio=(0.75, 1.33)),
+            T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))])
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        with Image.open(self.images.paths[i]) as im:
+            return self.transform(im.convert("RGB")), int(self.images.labels[i])
+
+
+def load(kind: str, root: str, threads: int, batch: int, iterations: int, device: str):
+    """Build the loader of ``kind`` on the train split of ``root`` and run one warm-up epoch."""
+    import torch
+
+    from fastiaa.data import BalancedBatchSampler, load_dataset
+    from fastiaa.pipelines import NORMALIZATIONS, build_train_loader
+
+    images = load_dataset("kanji", root).train
+    for path in images.paths:   # page cache: time the pipeline, not the disk
+        Path(path).read_bytes()
+    sampler = BalancedBatchSampler(images.labels, batch, 4, iterations, seed=0)
+    if kind == "authors":
+        loader = torch.utils.data.DataLoader(AuthorsImages(images), batch_sampler=sampler, num_workers=threads,
+                                             persistent_workers=threads > 0)
+    else:
+        dtype = torch.float16 if device == "cuda" else torch.float32
+        loader = build_train_loader(kind, images, sampler, NORMALIZATIONS["imagenet"], "square",
+                                    num_threads=threads, device=device, dtype=dtype)
+    epoch(loader, 0)
+    return (loader,)
+
+
+def epoch(loader, number: int = 1) -> int:
+    """One pass over ``loader`` (epoch ``number``); returns the number of images."""
+    import torch
+
+    for obj in (loader, getattr(loader, "batch_sampler", None)):
+        if hasattr(obj, "set_epoch"):
+            obj.set_epoch(number)
+    count = 0
+    for batch in loader:
+        images = batch.images if hasattr(batch, "images") else batch[0]
+        count += images.shape[0]
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--iterations", type=int, default=8, help="timed batches per loader")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        roots = {"kanji (96 px)": kanji_root(Path(tmp)), "photos (500x500)": make_photos(Path(tmp) / "photos")}
+        rows = []
+        for data, root in roots.items():
+            speed = {}
+            for kind in ("dali", "torchvision", "authors"):
+                m = measure_in_child(load, (kind, str(root), args.threads, args.batch, args.iterations, "cpu"), epoch)
+                speed[kind] = m.result / m.seconds
+                print(f"{data:18s} {kind:12s} {speed[kind]:8.0f} images/s", flush=True)
+            rows.append((data, speed))
+
+        print(f"\n### Train pipeline, CPU, {args.threads} threads, batch {args.batch}, 224 px float32 channels-last\n")
+        print("| data | DALI img/s | torchvision img/s | authors' loader img/s | DALI / torchvision | DALI / authors |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for data, s in rows:
+            print(f"| {data} | {s['dali']:.0f} | {s['torchvision']:.0f} | {s['authors']:.0f} "
+                  f"| {s['dali'] / s['torchvision']:.2f}x | {s['dali'] / s['authors']:.2f}x |")
+
+        import torch
+        if torch.cuda.is_available():
+            gpu_batch, gpu_iters = 256, 40
+            m = measure_in_child(load, ("dali", str(roots["photos (500x500)"]), 8, gpu_batch, gpu_iters, "cuda"), epoch)
+            print(f"\n### GPU ({torch.cuda.get_device_name()}): DALI mixed decode + augment, fp16, batch {gpu_batch}\n")
+            print(f"| data | DALI GPU img/s |\n|---|---:|\n| photos (500x500) | {m.result / m.seconds:.0f} |")
+        else:
+            print("\nGPU: not measured")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+import sys
+
+from fastiaa.cli import main
+
+sys.exit(main())

@@ -1,0 +1,201 @@
+"""``fastiaa`` command line: ``train``, ``eval`` and ``data`` (kanji demo, image check).
+
+``fastiaa train`` takes the flag names of the authors' ``run.py`` (both ``-`` and ``_``
+spellings), so their published commands run with ``python run.py`` replaced by
+``fastiaa train``; ``--preset DATASET`` applies the settings of their published command for
+that dataset (spec §7) before the explicit flags.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from fastiaa.config import LOSS_ALIASES, PRESETS, TrainConfig, preset_overrides
+
+DATASET_NAMES = ("cub200", "cars196", "stanford", "inshop", "kanji")
+BACKBONES = ("googlenet", "bninception", "resnet50", "efficientnet_lite0")
+
+
+def _flag(name: str) -> list[str]:
+    """``--lr-decay-epochs`` and ``--lr_decay_epochs`` alike (the authors mix both styles)."""
+    dashed, under = "--" + name.replace("_", "-"), "--" + name.replace("-", "_")
+    return [dashed] if dashed == under else [dashed, under]
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 0 or 1, got {text!r}")
+
+
+def _loss(text: str) -> str:
+    if text.lower() not in LOSS_ALIASES:
+        raise argparse.ArgumentTypeError(f"unknown loss {text!r}; choose MS, Contrastive or Triplet")
+    return LOSS_ALIASES[text.lower()]
+
+
+# (config field, type, help); nargs="+" for tuple fields. Defaults come from TrainConfig.
+TRAIN_FLAGS = [
+    ("dataset", str, f"one of {', '.join(DATASET_NAMES)}"),
+    ("data", str, "dataset root in its official layout (default ./MyDataset; kanji: data/kanji)"),
+    ("backbone", str, f"one of {', '.join(BACKBONES)}"),
+    ("pretrained", _bool, "1: ImageNet weights from --weight_path; 0: from scratch"),
+    ("weight_path", str, "ImageNet checkpoint file or folder (standard file names; default: torch hub cache)"),
+    ("embedding-size", int, "embedding dimension D"),
+    ("image-size", int, "crop size fed to the model"),
+    ("resize-size", int, "resize before cropping"),
+    ("loader", str, "torchvision | dali"),
+    ("workers", int, "data-loading threads / processes"),
+    ("loss", _loss, "MS | Contrastive | Triplet"),
+    ("lr", float, "learning rate of the backbone"),
+    ("head-lr-mult", float, "embedding layer lr multiplier (paper: 10)"),
+    ("weight_decay", float, "Adam weight decay"),
+    ("epochs", int, "number of epochs"),
+    ("lr-decay-epochs", int, "epochs at which the lr is multiplied by --lr-decay-gamma"),
+    ("lr-decay-gamma", float, "lr decay factor"),
+    ("batch", int, "global batch size B"),
+    ("eval_batch", int, "batch size of embedding passes"),
+    ("num_image_per_class", int, "images per class m in a batch"),
+    ("iter-per-epoch", int, "iterations per epoch (capped at len(train) // batch)"),
+    ("intra", _bool, "1: IAA synthesis on; 0: the plain loss"),
+    ("intra_lamda", float, "lambda of Eq. 17"),
+    ("aug_num", int, "synthetic samples per embedding (M)"),
+    ("start_epoch", int, "first statistics refresh after this epoch"),
+    ("warmup_epoch", int, "epochs between the first refresh and synthesis"),
+    ("update_every_M_epoch", int, "refresh period in epochs"),
+    ("momentum", float, "estimator momentum (spec §3)"),
+    ("diag", _bool, "1: diagonal covariance; 0: full covariance"),
+    ("correction", str, "neighbour correction: auto (train classes > 1000) | on | off"),
+    ("num_neighbor", int, "K neighbour classes (Eq. 11)"),
+    ("beta", float, "beta of the alpha_k rule (Eq. 15)"),
+    ("gamma", float, "share of the global covariance (Eq. 16)"),
+    ("tau", float, "classes with n >= tau are not corrected"),
+    ("official-uncorrected-sampling", _bool, "official quirk: sample from the uncorrected covariance"),
+    ("official-repeated-sqrt", _bool, "official quirk: sample m uses Sigma^(1/2^m)"),
+    ("official-zero-mean-singletons", _bool, "official quirk: single-sample classes keep a zero mean"),
+    ("official-sentinel-normalization", _bool, "official quirk: min-max over rows holding the 1e12 sentinel"),
+    ("recall", int, "Recall@K values (default: the dataset's standard K)"),
+    ("map", _bool, "1: compute MAP@R and R-Precision"),
+    ("eval-every", int, "evaluate every N epochs (0: never)"),
+    ("device", str, "auto | cpu | cuda | cuda:N"),
+    ("amp", str, "auto | off | bf16 | fp16 (torch.autocast)"),
+    ("channels-last", _bool, "channels-last memory format"),
+    ("kernels", str, "auto | triton | torch"),
+    ("seed", int, "random seed"),
+    ("save-dir", str, "folder of run directories"),
+    ("name", str, "run directory name (default derived from the settings)"),
+]
+TUPLE_FIELDS = {"lr_decay_epochs", "recall"}
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train an embedding with IAA", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="apply the authors' settings for this dataset first")
+    for name, kind, text in TRAIN_FLAGS:
+        dest = name.replace("-", "_")
+        p.add_argument(*_flag(name), dest=dest, type=kind, default=None, help=text,
+                       nargs="+" if dest in TUPLE_FIELDS else None)
+    p.add_argument("--resume", action="store_true", help="continue the run in its directory from last.pt")
+    p.add_argument("--gpu-id", dest="gpu_id", type=int, default=None, help="authors' flag: --device cuda:N")
+    p.add_argument("--mode", choices=["train", "eval"], default="train", help="authors' flag (eval: see `fastiaa eval`)")
+    p.add_argument("--save_models", action="store_true", help="authors' flag (checkpoints are always saved)")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < preset < explicit flags."""
+    values: dict = {}
+    if args.preset:
+        values.update(preset_overrides(args.preset, args.backbone, args.loss))
+    explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                if getattr(args, f.name, None) is not None}
+    values.update(explicit)
+    for key in TUPLE_FIELDS & values.keys():
+        values[key] = tuple(values[key])
+    if args.gpu_id is not None:
+        values["device"] = f"cuda:{args.gpu_id}"
+    values["resume"] = args.resume
+    dataset = values.get("dataset", TrainConfig.dataset)
+    if dataset not in DATASET_NAMES:
+        raise SystemExit(f"--dataset {dataset!r}: choose one of {', '.join(DATASET_NAMES)}")
+    if "data" not in values:
+        values["data"] = "data/kanji" if dataset == "kanji" else "MyDataset"
+    return TrainConfig(**values)
+
+
+def _cmd_train(args) -> int:
+    if args.mode == "eval":
+        raise SystemExit("--mode eval: use `fastiaa eval --checkpoint RUN_DIR/best.pt`")
+    from fastiaa.train import train
+
+    cfg = config_from_args(args)
+    best = train(cfg)
+    if best:
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in best.items()
+                          if k.startswith(("recall@", "map@r", "r_precision", "epoch"))}))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from fastiaa.train import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data=args.data, device=args.device,
+                                  loader=args.loader)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _cmd_data(args) -> int:
+    from fastiaa import data
+
+    if args.what == "kanji":
+        out = data.build_kanji(args.out, num_classes=args.classes, image_size=args.size, seed=args.seed,
+                               install=not args.no_install, **({"fonts": args.fonts} if args.fonts else {}))
+        print(f"kanji demo data ready in {out}")
+        return 0
+    dataset = data.load_dataset(args.dataset, args.data)
+    sets = [s for s in (dataset.train, dataset.test, dataset.query, dataset.gallery) if s is not None]
+    bad = data.check_images([p for s in sets for p in s.paths])
+    for path, error in bad:
+        print(f"unreadable: {path}: {error}", file=sys.stderr)
+    print(f"{sum(len(s) for s in sets)} images checked, {len(bad)} unreadable")
+    return 1 if bad else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastiaa", description="Fast IAA for deep metric learning")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    ev = sub.add_parser("eval", help="Recall@K / MAP@R / R-Precision of a checkpoint")
+    ev.add_argument("--checkpoint", required=True, help="a best.pt or last.pt written by `fastiaa train`")
+    ev.add_argument("--dataset", default=None, help="default: the checkpoint's dataset")
+    ev.add_argument("--data", default=None, help="default: the checkpoint's data root")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--loader", default=None, help="torchvision | dali (default: the checkpoint's)")
+    dp = sub.add_parser("data", help="prepare or check data")
+    dsub = dp.add_subparsers(dest="what", required=True)
+    kj = dsub.add_parser("kanji", help="render the kanji demo dataset (SOP on-disk format)")
+    kj.add_argument("--out", default="data/kanji")
+    kj.add_argument("--classes", type=int, default=2400, help="characters (classes), split in half train/test")
+    kj.add_argument("--size", type=int, default=96, help="image side in pixels")
+    kj.add_argument("--seed", type=int, default=0)
+    kj.add_argument("--fonts", nargs="+", default=None, help="font names (default: the built-in 16)")
+    kj.add_argument("--no-install", action="store_true", help="never apt-get install missing font packages")
+    ck = dsub.add_parser("check", help="decode every image of a dataset and list unreadable files")
+    ck.add_argument("--dataset", required=True, choices=DATASET_NAMES)
+    ck.add_argument("--data", required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"train": _cmd_train, "eval": _cmd_eval, "data": _cmd_data}[args.command]
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""torch.distributed helpers for runs launched by ``torchrun`` (DistributedDataParallel).
+
+A process started without torchrun's environment (RANK / WORLD_SIZE) is a world of one and
+every helper here is then the identity, so the trainer has a single code path.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init(device_type: str, timeout_s: float = 600.0) -> World:
+    """Join the process group that ``torchrun`` describes in the environment.
+
+    NCCL for CUDA, gloo for the CPU. Returns ``World()`` when not launched by torchrun.
+    """
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return World()
+    world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(world.local_rank)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return world
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(n: int, world: World) -> slice:
+    """Contiguous slice of ``range(n)`` owned by ``world.rank`` (sizes differ by at most 1)."""
+    per, extra = divmod(n, world.world_size)
+    start = world.rank * per + min(world.rank, extra)
+    return slice(start, start + per + (world.rank < extra))
+
+
+def all_gather_grad(x: torch.Tensor, world: World) -> torch.Tensor:
+    """Concatenate every rank's ``x`` (same shape on all ranks) along dim 0, keeping gradients.
+
+    The backward pass sums each rank's gradient back to the owner, so a loss computed
+    identically on every rank from the gathered tensor, with DDP's gradient averaging,
+    gives exactly the single-process gradient of the global batch.
+    """
+    if not world.distributed:
+        return x
+    return torch.cat(dist_nn.all_gather(x), dim=0)
+
+
+def all_gather_varsize(x: torch.Tensor, world: World) -> torch.Tensor:
+    """Concatenate every rank's ``x`` (dim 0 may differ by rank) in rank order, no gradient."""
+    if not world.distributed:
+        return x
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world.world_size)]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world.world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)], dim=0)
+
+
+def all_reduce_sum(x: torch.Tensor, world: World) -> torch.Tensor:
+    """In-place sum over ranks; returns ``x``."""
+    if world.distributed:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def any_rank(flag: bool, world: World, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on at least one (used to stop all ranks together)."""
+    if not world.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def broadcast_object(obj, world: World):
+    """Rank 0's ``obj`` on every rank."""
+    if not world.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

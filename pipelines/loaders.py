@@ -1,0 +1,99 @@
+"""``build_train_loader`` / ``build_eval_loader``: one entry point for both loader kinds."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .core import Normalization, augment_draws, check_geometry
+
+KINDS = ("torchvision", "dali")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _make(kind, images, plan, train, batch_size, normalization, resize, resize_size, crop_size, num_threads,
+          device, dtype, seed):
+    if kind not in KINDS:
+        raise ValueError(f"loader kind must be one of {KINDS}, got {kind!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype}")
+    if not isinstance(normalization, Normalization):
+        raise TypeError(f"normalization must be a Normalization (see NORMALIZATIONS), got {normalization!r}")
+    check_geometry(resize, resize_size, crop_size)
+    if len(images) == 0:
+        raise ValueError("the ImageSet is empty: nothing to load")
+    if kind == "dali":
+        from .dali import DaliLoader
+        return DaliLoader(images, plan, train, batch_size, normalization, resize, resize_size, crop_size,
+                          num_threads, device, dtype, seed)
+    from .reference import ReferenceLoader
+    return ReferenceLoader(images, plan, normalization, resize, resize_size, crop_size, num_threads, device, dtype)
+
+
+class TrainLoader:
+    """Train batches: the sampler's exact index batches, in order, with the spec §2 train transform.
+
+    ``set_epoch(e)`` selects the epoch (and calls ``sampler.set_epoch(e)``); the same (seed, epoch)
+    gives the same batches and the same crops and flips, with either loader kind. Iterating yields
+    ``len(self)`` ``Batch``es (images [B, 3, crop, crop] channels-last ``dtype``).
+    """
+
+    def __init__(self, kind, images, sampler, normalization, resize, resize_size, crop_size, seed, num_threads,
+                 device, dtype):
+        self.sampler = sampler
+        self.seed = seed
+        self.epoch = 0
+        self.impl = _make(kind, images, self.plan, True, sampler.batch_size, normalization, resize, resize_size,
+                          crop_size, num_threads, device, dtype, seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.sampler.set_epoch(self.epoch)
+
+    def plan(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """This epoch's batches: (indices [B] int64, augment_draws [B, K] float64) per step."""
+        return [(np.asarray(batch, np.int64), augment_draws(self.seed, self.epoch, step, len(batch)))
+                for step, batch in enumerate(self.sampler)]
+
+    def __iter__(self):
+        return iter(self.impl)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def build_train_loader(kind: str, images, sampler, normalization: Normalization, resize: str,
+                       resize_size: int = 256, crop_size: int = 224, seed: int = 0, num_threads: int = 2,
+                       device: str = "cpu", dtype: torch.dtype = torch.float32) -> TrainLoader:
+    """Train loader over ``images`` (a fastiaa.data.ImageSet) in the order of ``sampler``.
+
+    Transform (spec §2): decode -> RGB (BGR for BN-Inception) -> resize ("square": resize_size²,
+    "shorter": shorter side resize_size) -> random resized crop to crop_size (area (0.16, 1) of the
+    resized image, aspect (0.75, 1.33)) -> horizontal flip with p = 1/2 -> normalisation.
+    kind: "torchvision" (PIL + DataLoader with ``num_threads`` workers, none if <= 1) or "dali"
+    (DALI pipeline with ``num_threads`` CPU threads; GPU decode when ``device`` is CUDA).
+    dtype: float32, float16 (DALI writes fp16 directly) or bfloat16 (converted after the pipeline).
+    Raises ValueError for a bad kind/geometry/dtype, ImportError for kind "dali" without DALI, and
+    OSError naming the file when an image cannot be read or decoded (during iteration).
+    """
+    return TrainLoader(kind, images, sampler, normalization, resize, resize_size, crop_size, seed, num_threads,
+                       device, dtype)
+
+
+def build_eval_loader(kind: str, images, batch_size: int, normalization: Normalization, resize: str,
+                      resize_size: int = 256, crop_size: int = 224, num_threads: int = 2, device: str = "cpu",
+                      dtype: torch.dtype = torch.float32):
+    """Eval loader: every image of ``images`` exactly once, in dataset order, in batches of
+    ``batch_size`` with a smaller last batch (never padded). Transform (spec §2): resize ("square":
+    resize_size², "shorter": shorter side resize_size) -> centre crop crop_size -> normalisation.
+    Returns an iterable of ``Batch`` (re-iterable); other arguments and errors as build_train_loader.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    steps = [np.arange(start, min(start + batch_size, len(images)), dtype=np.int64)
+             for start in range(0, len(images), batch_size)]
+
+    def plan():
+        return [(indices, None) for indices in steps]
+
+    return _make(kind, images, plan, False, batch_size, normalization, resize, resize_size, crop_size,
+                 num_threads, device, dtype, 0)

@@ -1,0 +1,294 @@
+"""fastiaa.evaluation against a float64 transcription of spec §8 and pytorch-metric-learning."""
+
+import numpy as np
+import pytest
+import torch
+
+from fastiaa import evaluation
+from fastiaa.evaluation import retrieval_metrics
+
+BACKENDS = ("torch", "faiss")
+KS = (1, 2, 4, 8, 40, 100)  # 40 and 100 lie beyond the torch backend's short list
+
+
+def brute_force(query, query_labels, reference, reference_labels, ks, map_at_r=True):
+    """Spec §8 transcribed per query in float64. ``reference=None``: single-set mode, the query's
+    own row excluded. Ranking: similarity down, equal similarities by reference index up."""
+    single = reference is None
+    q = np.asarray(query, np.float64)
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    r = q if single else np.asarray(reference, np.float64) / np.linalg.norm(reference, axis=1, keepdims=True)
+    ref_labels = np.asarray(query_labels if single else reference_labels)
+    hits = dict.fromkeys(ks, 0)
+    ap, rp, with_positive = [], [], 0
+    for i in range(len(q)):
+        candidates = np.array([j for j in range(len(r)) if not (single and j == i)])
+        sim = r[candidates] @ q[i]
+        ranked = candidates[np.lexsort((candidates, -sim))]
+        positive = ref_labels[ranked] == query_labels[i]
+        for k in ks:
+            hits[k] += bool(positive[:k].any())
+        big_r = int(positive.sum())
+        if big_r == 0:
+            continue
+        with_positive += 1
+        precision_at = np.cumsum(positive[:big_r]) / np.arange(1, big_r + 1)
+        ap.append(float((precision_at * positive[:big_r]).sum() / big_r))
+        rp.append(float(positive[:big_r].sum() / big_r))
+    out = {f"recall@{k}": hits[k] / len(q) for k in ks}
+    if map_at_r:
+        out["map@r"] = float(np.mean(ap)) if ap else float("nan")
+        out["r_precision"] = float(np.mean(rp)) if rp else float("nan")
+    out["num_queries"] = len(q)
+    return out
+
+
+def assert_same(got, want, tol=1e-12):
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key] == pytest.approx(want[key], abs=tol, nan_ok=True), key
+
+
+def gaussian_clusters(rng, labels, dim, spread, gap=2e-6):
+    """Class centre + noise per row, rows redrawn until no query row holds two different
+    float64 cosine similarities closer than ``gap``: float32 rounding (~1e-7) cannot reorder
+    them, so the float32 implementation and the float64 transcription rank alike."""
+    centres = rng.standard_normal((labels.max() + 1, dim))
+    x = centres[labels] + spread * rng.standard_normal((len(labels), dim))
+    while True:
+        unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+        sim = unit @ unit.T
+        order = np.argsort(sim, axis=1)
+        close = np.diff(np.take_along_axis(sim, order, axis=1), axis=1) < gap
+        if not close.any():
+            return x.astype(np.float32)
+        redraw = np.unique(order[:, 1:][close])
+        x[redraw] = centres[labels[redraw]] + spread * rng.standard_normal((len(redraw), dim))
+
+
+def plant_duplicates(x, labels, same, other):
+    """Copy rows onto ``same`` later rows of their class and ``other`` rows of other classes."""
+    pairs = np.argwhere(np.triu(labels[:, None] == labels[None, :], 1))[:same].tolist()
+    pairs += np.argwhere(np.triu(labels[:, None] != labels[None, :], 1))[::997][:other].tolist()
+    for i, j in pairs:
+        x[j] = x[i]
+    return x
+
+
+def generic_set(seed=0, n=300, dim=12):
+    """Gaussian clusters with string labels, class sizes 1-9 (singletons included), and
+    planted exact duplicates inside a class and across classes."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.repeat(np.arange(n), rng.integers(1, 10, size=n))[:n])
+    x = plant_duplicates(gaussian_clusters(rng, labels, dim, 0.9), labels, same=12, other=12)
+    return x, np.array([f"item_{c:03d}" for c in labels])
+
+
+def lattice_set(seed=1, n=240, num_classes=30):
+    """Vectors with four entries of +-1 in 8 dimensions: normalised entries are +-0.5, every
+    cosine similarity is an exact multiple of 1/4 in float32 and float64, so ties abound."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, 8), np.float32)
+    for i in range(n):
+        x[i, rng.choice(8, 4, replace=False)] = rng.choice([-1.0, 1.0], 4)
+    labels = rng.integers(0, num_classes, n)
+    labels[-1] = num_classes  # a singleton class
+    return x, labels
+
+
+@pytest.fixture(scope="module")
+def generic():
+    return generic_set()
+
+
+@pytest.fixture(scope="module")
+def lattice():
+    return lattice_set()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("data", ["generic", "lattice"])
+def test_single_set_matches_brute_force(backend, data, request):
+    x, y = request.getfixturevalue(data)
+    with pytest.warns(UserWarning, match="no positive"):  # singletons (R = 0) in both sets
+        got = retrieval_metrics(x, y, ks=KS, backend=backend)
+    assert_same(got, brute_force(x, y, None, None, KS))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("data", ["generic", "lattice"])
+def test_query_gallery_matches_brute_force(backend, data, request):
+    x, y = request.getfixturevalue(data)
+    q, ql, g, gl = x[140:], y[140:], x[:140], y[:140]
+    with pytest.warns(UserWarning, match="no positive"):  # singletons among the queries
+        got = retrieval_metrics(q, ql, g, gl, ks=KS, backend=backend)
+    assert_same(got, brute_force(q, ql, g, gl, KS))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("data", ["generic", "lattice"])
+def test_tiny_chunks_and_short_lists(backend, data, request, monkeypatch):
+    """Many chunks (some without ties, some full of them), lists shorter than R: still exact."""
+    x, y = request.getfixturevalue(data)
+    monkeypatch.setattr(evaluation, "_BLOCK_ELEMENTS", {"cpu": 3 * len(x)})
+    monkeypatch.setattr(evaluation, "_LIST_ELEMENTS", 300)
+    monkeypatch.setattr(evaluation, "_SHORT_LIST", 2)
+    with pytest.warns(UserWarning):
+        got = retrieval_metrics(x, y, ks=(1, 3, 50), backend=backend)
+    assert_same(got, brute_force(x, y, None, None, (1, 3, 50)))
+
+
+def test_self_excluded_by_index_not_by_rank():
+    """Row 0 and row 1 are identical but of different classes; row 2 shares row 1's class.
+    Query 1's nearest other row is row 0 (a miss at rank 0), its positive row 2 comes second.
+    Dropping "the first neighbour" instead would drop row 0 and keep the query itself."""
+    x = np.array([[1.0, 0.0], [1.0, 0.0], [0.8, 0.6], [0.0, 1.0]], np.float32)
+    y = np.array([0, 1, 1, 2])
+    for backend in BACKENDS:
+        with pytest.warns(UserWarning, match="2 of 4"):
+            got = retrieval_metrics(x, y, ks=(1, 2), backend=backend)
+        # query 1: ranked 0, 2, 3 -> R@1 miss, R@2 hit, R = 1: AP = 0, RP = 0
+        # query 2: ranked 0 (sim .8), 1 (sim .8, tie, higher index), 3 (.6) -> R@1 miss, R@2 hit, R = 1: AP = RP = 0
+        # queries 0 and 3 have no positive: misses, left out of MAP@R / RP
+        assert_same(got, {"recall@1": 0.0, "recall@2": 0.5, "map@r": 0.0, "r_precision": 0.0, "num_queries": 4})
+
+
+def test_known_answer_query_gallery():
+    """Hand-computed: MAP@R with R = 2 and ties resolved by gallery index."""
+    g = np.array([[1, 0], [0.6, 0.8], [0.6, 0.8], [0, 1], [-1, 0]], np.float32)
+    gl = np.array(["a", "b", "a", "b", "c"])
+    q = np.array([[0.6, 0.8], [1, 0]], np.float32)
+    ql = np.array(["a", "z"])  # "z" has no positive in the gallery
+    # query 0: sims 0.6, 1, 1, 0.8, -0.6 -> order 1(b), 2(a), 3(b), 0(a), 4 -> first hit at rank 1;
+    # R = 2: top-2 = b, a -> RP = 1/2, AP = (1/2 * [a at 2]) / 2 = 1/4.
+    with pytest.warns(UserWarning, match="1 of 2"):
+        got = retrieval_metrics(q, ql, g, gl, ks=(1, 2), backend="torch")
+    assert_same(got, {"recall@1": 0.0, "recall@2": 0.5, "map@r": 0.25, "r_precision": 0.5, "num_queries": 2})
+
+
+def test_input_kinds_give_the_same_answer(lattice):
+    x, y = lattice
+    want = retrieval_metrics(x, y, ks=(1, 4), backend="torch", device="cpu")
+    assert_same(retrieval_metrics(torch.from_numpy(4 * x).double(), torch.from_numpy(y), ks=[1, 4]), want)
+    assert_same(retrieval_metrics(torch.from_numpy(x).half(), list(y), ks=(1, 4)), want)
+    assert_same(retrieval_metrics(torch.from_numpy(x).bfloat16(), y.astype(str), ks=(1, 4)), want)
+    no_map = retrieval_metrics(x, y, ks=(1, 4), map_at_r=False)
+    assert set(no_map) == {"recall@1", "recall@4", "num_queries"}
+    assert no_map["recall@4"] == want["recall@4"]
+
+
+def test_full_float32_products_even_with_tf32_allowed(generic):
+    """The caller's reduced matmul precision (TF32 / bf16) is lifted for the call and restored."""
+    x, y = generic
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        with pytest.warns(UserWarning):
+            got = retrieval_metrics(x, y, ks=KS, backend="torch")
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert_same(got, brute_force(x, y, None, None, KS))
+
+
+def test_largest_possible_k(lattice):
+    x, y = lattice
+    n = len(x)
+    got = retrieval_metrics(x, y, ks=(n - 1,), map_at_r=False)
+    assert got[f"recall@{n - 1}"] == pytest.approx(np.mean(np.bincount(y)[y] > 1))
+    with pytest.raises(ValueError, match=f"Recall@{n} needs at least {n}"):
+        retrieval_metrics(x, y, ks=(n,))
+    with pytest.raises(ValueError, match="Recall@141 needs at least 141 references"):
+        retrieval_metrics(x[:100], y[:100], x[100:], y[100:], ks=(141,))
+
+
+def test_bad_input_is_named():
+    x = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)
+    y = np.arange(20) % 5
+    cases = [
+        (dict(query=x, query_labels=y, ks=(0,)), ValueError, "positive integers"),
+        (dict(query=x, query_labels=y, ks=(True,)), ValueError, "positive integers"),
+        (dict(query=x, query_labels=y[:-1]), ValueError, "one label per embedding row"),
+        (dict(query=x[None], query_labels=y), ValueError, r"\[N, D\]"),
+        (dict(query=np.full_like(x, np.nan), query_labels=y), ValueError, "NaN"),
+        (dict(query=x.astype(np.int64), query_labels=y), TypeError, "floating-point"),
+        (dict(query=x.tolist(), query_labels=y), TypeError, "torch tensor or numpy array"),
+        (dict(query=x, query_labels=y, reference=x), ValueError, "reference_labels"),
+        (dict(query=x, query_labels=y, reference_labels=y), ValueError, "without reference"),
+        (dict(query=x, query_labels=y, reference=x[:, :3], reference_labels=y), ValueError, "dimension"),
+        (dict(query=x, query_labels=y, reference=x, reference_labels=y.astype(str)), TypeError, "comparable"),
+        (dict(query=x, query_labels=y, backend="annoy"), ValueError, "backend"),
+        (dict(query=x, query_labels=y, device="meta"), ValueError, "CPU or CUDA"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            retrieval_metrics(**kwargs)
+
+
+def test_faiss_gpu_k_limit_is_reported(monkeypatch):
+    monkeypatch.setattr(evaluation, "_choose_backend", lambda *args, **kwargs: (True, True))
+    x = np.random.default_rng(0).standard_normal((2100, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match="at most 2048 neighbours but 2049 are needed"):
+        retrieval_metrics(x, np.arange(2100) % 700, ks=(1, 2047))
+
+
+def test_no_positive_anywhere_gives_nan():
+    x = np.eye(3, dtype=np.float32)
+    with pytest.warns(UserWarning, match="3 of 3"):
+        got = retrieval_metrics(x, [0, 1, 2], ks=(1,))
+    assert got["recall@1"] == 0.0 and np.isnan(got["map@r"]) and np.isnan(got["r_precision"])
+
+
+# pytorch-metric-learning ----------------------------------------------------------------
+
+
+def pml_metrics(query, query_labels, reference=None, reference_labels=None):
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    calculator = AccuracyCalculator(
+        include=("precision_at_1", "r_precision", "mean_average_precision_at_r"), k="max_bin_count", device=torch.device("cpu")
+    )
+    norm = lambda a: torch.nn.functional.normalize(torch.as_tensor(a, dtype=torch.float32), dim=1)  # noqa: E731
+    return calculator.get_accuracy(
+        norm(query),
+        torch.as_tensor(query_labels),
+        None if reference is None else norm(reference),
+        None if reference_labels is None else torch.as_tensor(reference_labels),
+    )
+
+
+@pytest.fixture(scope="module")
+def clustered():
+    """Gaussian clusters, class sizes 2-8, duplicates only inside a class, no near-ties."""
+    rng = np.random.default_rng(3)
+    labels = rng.permutation(np.repeat(np.arange(60), rng.integers(2, 9, 60)))
+    return plant_duplicates(gaussian_clusters(rng, labels, 16, 0.8), labels, same=10, other=0), labels
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_pytorch_metric_learning_single_set(backend, clustered):
+    x, y = clustered
+    ours = retrieval_metrics(x, y, ks=(1,), backend=backend)
+    theirs = pml_metrics(x, y)
+    assert ours["recall@1"] == pytest.approx(theirs["precision_at_1"], abs=1e-12)
+    assert ours["r_precision"] == pytest.approx(theirs["r_precision"], abs=1e-12)
+    assert ours["map@r"] == pytest.approx(theirs["mean_average_precision_at_r"], abs=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_pytorch_metric_learning_query_gallery(backend, clustered):
+    """With queries that have no positive in the gallery: pytorch-metric-learning leaves them
+    out of every metric; fastiaa leaves them out of MAP@R and RP but counts them as Recall@K
+    misses, so R@1 = P@1 x (queries with a positive) / (all queries)."""
+    x, y = clustered
+    odd = np.arange(len(y)) % 2 == 1
+    gallery = odd & ~np.isin(y, [0, 1, 2])  # classes 0-2 have no gallery images
+    q, ql, g, gl = x[~odd], y[~odd], x[gallery], y[gallery]
+    with pytest.warns(UserWarning, match="no positive"):
+        ours = retrieval_metrics(q, ql, g, gl, ks=(1,), backend=backend)
+    theirs = pml_metrics(q, ql, g, gl)
+    with_positive = np.isin(ql, gl).mean()
+    assert 0 < with_positive < 1
+    assert ours["recall@1"] == pytest.approx(theirs["precision_at_1"] * with_positive, abs=1e-12)
+    assert ours["r_precision"] == pytest.approx(theirs["r_precision"], abs=1e-12)
+    assert ours["map@r"] == pytest.approx(theirs["mean_average_precision_at_r"], abs=1e-12)

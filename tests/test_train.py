@@ -1,0 +1,112 @@
+"""Trainer and CLI: the authors' flags, a tiny real run, its records, resume and failure modes."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from fastiaa import cli
+from fastiaa.config import TrainConfig
+from fastiaa.train import NonFiniteError, Trainer, evaluate_checkpoint
+
+
+def parse(*argv):
+    return cli.config_from_args(cli.build_parser().parse_args(["train", *argv]))
+
+
+def test_authors_command_maps_onto_config():
+    cfg = parse("--dataset", "cub200", "--backbone", "googlenet", "--loss", "Contrastive", "--lr", "3e-5",
+                "--intra_lamda", "0.8", "--aug_num", "3", "--lr-decay-epochs", "40", "60", "--diag", "0",
+                "--embedding-size", "256", "--num_image_per_class", "4", "--weight_path", "/w", "--gpu-id", "1")
+    assert (cfg.dataset, cfg.backbone, cfg.loss_name, cfg.lr) == ("cub200", "googlenet", "contrastive", 3e-5)
+    assert (cfg.intra_lamda, cfg.aug_num, cfg.lr_decay_epochs, cfg.diag) == (0.8, 3, (40, 60), False)
+    assert (cfg.embedding_size, cfg.weight_path, cfg.device, cfg.data) == (256, "/w", "cuda:1", "MyDataset")
+    # both spellings of a flag
+    assert parse("--lr_decay_gamma", "0.5").lr_decay_gamma == parse("--lr-decay-gamma", "0.5").lr_decay_gamma == 0.5
+
+
+def test_preset_applies_published_settings_before_flags():
+    cfg = parse("--preset", "stanford", "--lr", "2e-4")
+    assert (cfg.batch, cfg.num_image_per_class, cfg.intra_lamda, cfg.aug_num, cfg.lr) == (180, 3, 0.6, 3, 2e-4)
+    assert parse("--preset", "stanford", "--loss", "Contrastive").aug_num == 2
+    big = parse("--preset", "inshop", "--backbone", "resnet50")
+    assert (big.batch, big.lr, big.intra_lamda) == (256, 1e-4, 0.5)
+    assert parse("--preset", "cub200", "--loss", "contrastive").lr == 3e-5
+    assert parse().data == "data/kanji"
+
+
+def test_bad_loss_name_is_rejected(capsys):
+    with pytest.raises(SystemExit):
+        parse("--loss", "arcface")
+    assert "choose MS, Contrastive or Triplet" in capsys.readouterr().err
+
+
+def tiny_config(root, tmp_path, **kw) -> TrainConfig:
+    values = dict(dataset="kanji", data=str(root), backbone="efficientnet_lite0", image_size=48, resize_size=56,
+                  batch=24, eval_batch=64, num_image_per_class=3, iter_per_epoch=2, epochs=3, start_epoch=1,
+                  update_every_M_epoch=1, lr=1e-4, lr_decay_epochs=(2,), embedding_size=32, workers=0,
+                  correction="on", num_neighbor=5, save_dir=str(tmp_path), name="run", seed=3)
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+def records(cfg):
+    return [json.loads(line) for line in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]
+
+
+def comparable(recs):
+    drop = {"images_per_s", "train_s", "refresh_s", "eval_s"}
+    return [{k: v for k, v in r.items() if k not in drop} for r in recs]
+
+
+def test_tiny_run_writes_records_and_resumes_to_the_same_result(kanji_root, tmp_path):
+    straight = tiny_config(kanji_root, tmp_path / "a")
+    best = Trainer(straight).run()
+    recs = records(straight)
+    assert [r["epoch"] for r in recs] == [0, 1, 2, 3]
+    assert "loss" not in recs[0] and all(r["loss"] > 0 for r in recs[1:])
+    assert "refresh_s" in recs[1] or "refresh_s" in recs[2]           # refresh after start_epoch
+    assert recs[1]["lambda"] == 0.0 and recs[2]["lambda"] > 0.0       # synthesis from start_epoch + 1
+    for r in recs:
+        assert 0.0 <= r["recall@1"] <= r["recall@2"] <= r["recall@4"] <= r["recall@8"] <= 1.0
+        assert 0.0 <= r["map@r"] <= r["r_precision"] + 1e-9 <= 1.0 + 1e-9
+    assert best["recall@1"] == max(r["recall@1"] for r in recs)
+    run = straight.run_dir()
+    for name in ("config.json", "losses_and_recalls.png", "last.pt", "best.pt", "paper_comparison.md"):
+        assert (run / name).is_file(), name
+    assert TrainConfig.from_json((run / "config.json").read_text()) == straight
+
+    # the same run killed during epoch 3, then resumed
+    killed = tiny_config(kanji_root, tmp_path / "b")
+    trainer = Trainer(killed)
+    real = trainer.train_epoch
+
+    def crash(epoch):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return real(epoch)
+
+    trainer.train_epoch = crash
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert [r["epoch"] for r in records(killed)] == [0, 1, 2]
+    Trainer(dataclasses.replace(killed, resume=True)).run()
+    assert comparable(records(killed)) == comparable(recs)
+    a = torch.load(run / "last.pt", weights_only=False)["model"]
+    b = torch.load(killed.run_dir() / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # `fastiaa eval` on the final checkpoint reproduces the last epoch's metrics
+    metrics = evaluate_checkpoint(run / "last.pt", device="cpu")
+    assert metrics["recall@1"] == pytest.approx(recs[-1]["recall@1"])
+    assert metrics["map@r"] == pytest.approx(recs[-1]["map@r"], abs=1e-6)
+
+
+def test_non_finite_loss_stops_with_epoch_and_step(kanji_root, tmp_path):
+    trainer = Trainer(tiny_config(kanji_root, tmp_path, eval_every=0, intra=False))
+    forward = trainer.model.forward
+    trainer.model.forward = lambda x: forward(x) * float("nan")
+    with pytest.raises(NonFiniteError, match="epoch 1, step 1"):
+        trainer.run()
