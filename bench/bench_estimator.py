@@ -28,7 +28,8 @@ the candidate classes (spec §4 quirk (c) off). The authors' code also loops ove
 for the distances themselves (one row per class); that variant is timed on a sample of
 classes and extrapolated ("authors, row distances", marked ~).
 
-Usage: python bench/bench_estimator.py [--small] [--skip-lowrank] [--full-baseline]
+Usage: python bench/bench_estimator.py [--small] [--sections cars sop] [--threads N]
+                                       [--skip-lowrank] [--full-baseline]
 Prints result differences (must be < 1e-5 relative) and Markdown tables. With CUDA present
 it also times the GPU paths (Triton vs PyTorch) in this process.
 """
@@ -171,9 +172,13 @@ class AuthorsLoops:
 
 # ------------------------------------------------------------------ loaders (untimed) and methods
 
-def load(path: str, kind: str):
-    """Inputs of one method: its estimator after the first refresh, the second refresh's data."""
+def load(path: str, kind: str, threads: int | None = None):
+    """Inputs of one method: its estimator after the first refresh, the second refresh's data.
+    ``threads`` overrides the child's torch thread count (default: every core)."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     data = np.load(path)
     x0, x1 = torch.from_numpy(data["x0"]), torch.from_numpy(data["x1"])
@@ -269,8 +274,8 @@ def rel(a, b) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
 
-def run(name, path, kind, method, results):
-    m = measure_in_child(load, (path, kind), method)
+def run(name, path, kind, method, results, threads=None):
+    m = measure_in_child(load, (path, kind, threads), method)
     results[name] = m
     print(f"  {name}: {m.seconds:.2f} s, peak +{m.peak_mib:.0f} MiB", flush=True)
     return m
@@ -291,17 +296,24 @@ def describe(x, labels, name):
 
 
 def cpu_section(args, tmp):
-    cores = len(os.sched_getaffinity(0))
+    cores = args.threads or len(os.sched_getaffinity(0))
     cars = SMALL_CARS if args.small else CARS
     sop = SMALL_SOP if args.small else SOP
 
+    if "cars" in args.sections:
+        cars_section(cars, cores, args, tmp)
+    if "sop" in args.sections:
+        sop_section(sop, cores, args, tmp)
+
+
+def cars_section(cars, cores, args, tmp):
     x, labels = cars_like(**cars)
     describe(x, labels, "Cars-like")
     path = save(tmp, "cars", x, labels)
     res = {}
-    run("authors dense", path, "authors dense", refresh, res)
-    run("fastiaa", path, "fastiaa", refresh, res)
-    run("fastiaa full", path, "fastiaa full", refresh, res)
+    run("authors dense", path, "authors dense", refresh, res, args.threads)
+    run("fastiaa", path, "fastiaa", refresh, res, args.threads)
+    run("fastiaa full", path, "fastiaa full", refresh, res, args.threads)
     a, f = res["authors dense"].result, res["fastiaa"].result
     print(f"  max relative difference fastiaa vs authors: mean {rel(f['mean'], a['mean']):.1e}, "
           f"covariance {rel(f['cov'], a['cov']):.1e}")
@@ -315,17 +327,19 @@ def cpu_section(args, tmp):
         print(f"| {name} | {m.seconds:.3f} | {base.seconds / m.seconds:.1f} | {m.peak_mib:.0f} | "
               f"{base.peak_mib / max(m.peak_mib, 1):.1f} |")
 
+
+def sop_section(sop, cores, args, tmp):
     x, labels = sop_like(**sop)
     describe(x, labels, "\nSOP-like")
     path = save(tmp, "sop", x, labels)
     res = {}
     baseline = refresh_correct if args.full_baseline else refresh_correct_sampled
-    run("authors loops", path, "authors loops", baseline, res)
-    run("fastiaa", path, "fastiaa", refresh_correct, res)
-    run("floor: two C x C x D products", path, "floor", floor_products, res)
+    run("authors loops", path, "authors loops", baseline, res, args.threads)
+    run("fastiaa", path, "fastiaa", refresh_correct, res, args.threads)
+    run("floor: two C x C x D products", path, "floor", floor_products, res, args.threads)
     if not args.skip_lowrank:
-        run("fastiaa low-rank full", path, "fastiaa low-rank", refresh_correct_lowrank, res)
-    rows = measure_in_child(load, (path, "authors loops"), row_distance_sample)
+        run("fastiaa low-rank full", path, "fastiaa low-rank", refresh_correct_lowrank, res, args.threads)
+    rows = measure_in_child(load, (path, "authors loops", args.threads), row_distance_sample)
     a, f = res["authors loops"].result, res["fastiaa"].result
     base_seconds = res["authors loops"].seconds
     compared = slice(None)
@@ -419,6 +433,9 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="a quarter of Cars and a tenth of SOP, for a quick run")
     parser.add_argument("--skip-lowrank", action="store_true", help="leave out the low-rank full covariance runs")
     parser.add_argument("--gpu-only", action="store_true", help="only the CUDA section")
+    parser.add_argument("--sections", nargs="+", choices=("cars", "sop"), default=("cars", "sop"))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per method (default: every core; 1 is steadier on a shared machine)")
     parser.add_argument("--full-baseline", action="store_true",
                         help="run the authors' correction loop over all classes (minutes) instead of a sample")
     args = parser.parse_args()

@@ -14,7 +14,7 @@ Paths:
   triton    fastiaa.kernels.synthesize, one Triton launch (CUDA only)
 Times: median over repeats of the forward draw, and of forward + backward (gradient to z).
 
-Usage: python bench/bench_synthesis.py [--repeats N]
+Usage: python bench/bench_synthesis.py [--repeats N] [--threads N]
 Prints a Markdown table. Without CUDA only the CPU PyTorch path is measured
 ("GPU: not measured").
 """
@@ -118,7 +118,11 @@ def table(title: str, rows) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's; 1 is steadier on a shared machine)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     table(f"synthesis B={B} M={M} D={D}, CPU ({threads} threads)", measure("cpu", "torch", args.repeats))
     if torch.cuda.is_available():

@@ -69,6 +69,7 @@ TRAIN_FLAGS = [
     ("update_every_M_epoch", int, "refresh period in epochs"),
     ("momentum", float, "estimator momentum (spec §3)"),
     ("diag", _bool, "1: diagonal covariance; 0: full covariance"),
+    ("full-covariance", str, "with --diag 0: dense | lowrank | auto (low-rank when dense [C,D,D] > 2 GiB)"),
     ("correction", str, "neighbour correction: auto (train classes > 1000) | on | off"),
     ("num_neighbor", int, "K neighbour classes (Eq. 11)"),
     ("beta", float, "beta of the alpha_k rule (Eq. 15)"),

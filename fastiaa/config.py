@@ -51,6 +51,8 @@ class TrainConfig:
     update_every_M_epoch: int = 2
     momentum: float = 0.2
     diag: bool = True
+    full_covariance: str = "auto"    # dense | lowrank | auto (low-rank when dense exceeds the limit)
+    dense_full_limit_gib: float = 2.0
     correction: str = "auto"         # auto (train classes > 1000) | on | off
     num_neighbor: int = 25
     beta: float = 0.1

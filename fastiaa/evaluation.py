@@ -6,9 +6,9 @@ chunks of queries so that no ``[Nq, Nr]`` similarity matrix is ever held whole.
 Ranking rule (deterministic): references are ordered by decreasing float32 cosine
 similarity; references with exactly equal similarity are ordered by increasing reference
 index. In single-set mode the query's own row is removed by its index before ranking, so
-exact duplicates and ties never change an answer and every backend returns the same
-numbers (up to the last bit of rounding, in which two BLAS libraries may differ for a
-similarity; that can only swap two references whose similarities differ by ~1e-7).
+exact duplicates and ties never change an answer, and every backend returns the same
+numbers (except that two BLAS libraries may round a similarity differently in its last
+bit, which can only swap two references whose similarities differ by about 1e-7).
 
 Every metric is derived from the ranks of each query's positives (same-label references):
 Recall@K from the rank of the first positive, MAP@R and R-Precision from the ranks of the
@@ -19,10 +19,10 @@ first R positives. Two backends produce those ranks:
   where Recall@K needs a first positive further down, its rank counted exactly in the block
   row. On CPU this is faster than a faiss search that lists ``max K`` neighbours
   (bench/bench_eval.py).
-- ``"faiss"``: ``IndexFlatIP`` search of ``max(max(ks), R) + 1`` neighbours, on every GPU
-  that faiss sees (reference sharded) or on the CPU; the positives' ranks are their
-  positions in that list. Rows whose list ends inside a tie are recomputed by the torch
-  path.
+- ``"faiss"``: ``IndexFlatIP`` search of ``max(max K, R) + 1`` neighbours (+1 for the query
+  itself in single-set mode), on every GPU that faiss sees (reference sharded) or on the
+  CPU; the positives' ranks are their positions in that list. Rows whose list ends inside a
+  tie are recomputed by the torch path.
 """
 
 from __future__ import annotations
@@ -220,7 +220,9 @@ def _choose_backend(backend: str, device: torch.device, explicit_device: bool) -
         return False, False
     gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if backend == "faiss" and explicit_device and device.type == "cuda" and gpus == 0:
-        raise ValueError("device is CUDA but this faiss build sees no GPU (faiss-cpu): use device='cpu' or backend='torch'")
+        raise ValueError(
+            "device is CUDA but this faiss build sees no GPU (faiss-cpu): use device='cpu' or backend='torch'"
+        )
     on_gpu = device.type == "cuda" and gpus > 0
     return backend == "faiss" or on_gpu, on_gpu
 
@@ -308,8 +310,8 @@ class _TorchRanker:
         """[c, D] queries (c <= rows_per_chunk), [c] their row numbers -> [c, m] int64 ascending
         ranks of their positives (0 = nearest; ``_BEYOND`` for padding and for ranks too far
         down to matter)."""
-        if self.buffer is None:
-            self.buffer = self.reference.new_empty((self.rows_per_chunk, len(self.reference)))
+        if self.buffer is None or len(self.buffer) < len(q):
+            self.buffer = self.reference.new_empty((len(q), len(self.reference)))
         block = torch.mm(q, self.reference.T, out=self.buffer[: len(q)])  # [c, Nr]
         if self.single:
             block[torch.arange(len(q), device=q.device), rows] = -torch.inf
@@ -348,7 +350,9 @@ class _TorchRanker:
 class _FaissRanker:
     """Positives' ranks from faiss neighbour lists (module docstring)."""
 
-    def __init__(self, reference, positives: _Positives, single: bool, max_k: int, map_at_r: bool, length: int, gpu: bool):
+    def __init__(
+        self, reference, positives: _Positives, single: bool, max_k: int, map_at_r: bool, length: int, gpu: bool
+    ):
         import faiss
 
         self.exact_ranker = _TorchRanker(reference, positives, single, max_k, map_at_r)

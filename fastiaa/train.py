@@ -27,7 +27,8 @@ from fastiaa import checkpoint, distributed, kernels, report
 from fastiaa.config import TrainConfig
 from fastiaa.data import BalancedBatchSampler, ImageSet, load_dataset
 from fastiaa.evaluation import retrieval_metrics
-from fastiaa.iaa import ClassStatistics, class_moments, lambda_schedule, sampling_factor, synthesize
+from fastiaa.iaa import (ClassStatistics, LowRankStatistics, class_moments, lambda_schedule, sampling_factor,
+                         synthesize)
 from fastiaa.losses import ContrastiveLoss, MultiSimilarityLoss, TripletLoss
 from fastiaa.models import create_model
 from fastiaa.pipelines import NORMALIZATIONS, build_eval_loader, build_train_loader
@@ -175,34 +176,56 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.criterion = LOSSES[cfg.loss_name]()
 
-        self.stats = ClassStatistics(train.num_classes, cfg.embedding_size,
-                                     covariance="diag" if cfg.diag else "full", momentum=cfg.momentum,
-                                     device=self.device)
+        self.stats = self._statistics(train.num_classes)
         self.correct = cfg.correction == "on" or (cfg.correction == "auto" and train.num_classes > 1000)
         self.factor = None
-        self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 1009 + self.world.rank)
+        # synthesis noise: per-rank seeds from the run seed (a CPU generator: no device sync per step)
+        self.generator = torch.Generator().manual_seed(cfg.seed * 1009 + self.world.rank)
         self.log = report.MetricsLog(self.run_dir / "metrics.jsonl")
         self.first_epoch = 1
         self.best: dict = {}
 
+    def _statistics(self, num_classes: int):
+        """The class-statistics estimator: diagonal, dense full, or (full covariance too large
+        for ``dense_full_limit_gib``) the exact low-rank form of :class:`LowRankStatistics`."""
+        cfg = self.cfg
+        dense_gib = num_classes * cfg.embedding_size**2 * 4 / 2**30
+        self.low_rank = not cfg.diag and (cfg.full_covariance == "lowrank" or
+                                          (cfg.full_covariance == "auto" and dense_gib > cfg.dense_full_limit_gib))
+        if self.low_rank:
+            quirks = [f for f in ("official_zero_mean_singletons", "official_sentinel_normalization")
+                      if getattr(cfg, f)]
+            if quirks:
+                raise ValueError(f"{quirks} are not offered with the low-rank full covariance; "
+                                 "use --diag 1 or --full-covariance dense")
+            return LowRankStatistics(num_classes, cfg.embedding_size, cfg.momentum, device=self.device)
+        return ClassStatistics(num_classes, cfg.embedding_size, covariance="diag" if cfg.diag else "full",
+                               momentum=cfg.momentum, device=self.device)
+
     # -- pieces of an epoch ---------------------------------------------------------------
     def refresh(self, epoch: int) -> None:
         """Fold the statistics of the whole train set into the estimator (spec §3-4)."""
-        z, y = embed(self.model, self.eval_loaders["train"], self.device, self.amp,
-                     distributed.World(), f"refresh statistics (epoch {epoch})")
-        # each rank folds the moments of its own shard after merging them across ranks
-        moments = class_moments(z.to(self.device), y.to(self.device), self.stats.num_classes, not self.cfg.diag)
-        self.stats.update_from_moments(*_merge_moments(*moments, self.world))
+        what = f"refresh statistics (epoch {epoch})"
+        loader = self.eval_loaders["train"]
+        if self.low_rank:  # keeps the centred embeddings themselves: every rank needs all of them
+            z, y = embed(self.model, loader, self.device, self.amp, self.world, what)
+            self.stats.update(z.to(self.device), y.to(self.device))
+        else:  # each rank's shard gives class moments, merged across ranks, folded once
+            z, y = embed(self.model, loader, self.device, self.amp, distributed.World(), what)
+            moments = class_moments(z.to(self.device), y.to(self.device), self.stats.num_classes, not self.cfg.diag)
+            self.stats.update_from_moments(*_merge_moments(*moments, self.world))
         self._refresh_factor()
 
     def _refresh_factor(self) -> None:
         cfg = self.cfg
-        if self.correct and not cfg.official_uncorrected_sampling:
-            cov = self.stats.corrected(num_neighbors=cfg.num_neighbor, beta=cfg.beta, gamma=cfg.gamma, tau=cfg.tau,
-                                       official_zero_mean_singletons=cfg.official_zero_mean_singletons,
-                                       official_sentinel_normalization=cfg.official_sentinel_normalization)
-        else:
-            cov = self.stats.covariance
+        correct = self.correct and not cfg.official_uncorrected_sampling
+        options = dict(num_neighbors=cfg.num_neighbor, beta=cfg.beta, gamma=cfg.gamma, tau=cfg.tau)
+        if self.low_rank:
+            self.factor = self.stats.corrected(**options) if correct else self.stats.factor()
+            return
+        cov = (self.stats.corrected(**options, official_zero_mean_singletons=cfg.official_zero_mean_singletons,
+                                    official_sentinel_normalization=cfg.official_sentinel_normalization)
+               if correct else self.stats.covariance)
         self.factor = sampling_factor(cov)
 
     def train_epoch(self, epoch: int) -> dict:
@@ -275,7 +298,7 @@ class Trainer:
             checkpoint.set_rng_state(state["rng"])
         self.best = state["best"]
         self.first_epoch = state["epoch"] + 1
-        if int(self.stats.count.sum()) > 0:
+        if int((self.stats.stats if self.low_rank else self.stats).count.sum()) > 0:
             self._refresh_factor()
         self.log.truncate(state["epoch"])
 

@@ -117,6 +117,17 @@ def _moments_triton(x, order, count, start, full):
 if triton is not None:
 
     @triton.jit
+    def _class_tile(x_ptr, order_ptr, start, n, i, cols, cmask, stride_x, BLOCK_N: tl.constexpr):
+        """Samples i .. i + BLOCK_N of a class (rows order[start + r], r < n) on the feature
+        columns ``cols``: the float32 tile [BLOCK_N, len(cols)] (0 where masked) and its mask."""
+        r = i + tl.arange(0, BLOCK_N)
+        rmask = r < n
+        rows = tl.load(order_ptr + start + r, mask=rmask, other=0)
+        m = rmask[:, None] & cmask[None, :]
+        xt = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0)
+        return xt.to(tl.float32), m
+
+    @triton.jit
     def _mean_diag_kernel(x_ptr, order_ptr, start_ptr, count_ptr, mean_ptr, diag_ptr, D, stride_x,
                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_DIAG: tl.constexpr):
         """Program (class c, feature block): two-pass mean and diagonal centred moment."""
@@ -127,24 +138,16 @@ if triton is not None:
         n = tl.load(count_ptr + c)
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         for i in range(0, n, BLOCK_N):
-            r = i + tl.arange(0, BLOCK_N)
-            rmask = r < n
-            rows = tl.load(order_ptr + start + r, mask=rmask, other=0)
-            m = rmask[:, None] & cmask[None, :]
-            xt = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0)
-            acc += tl.sum(xt.to(tl.float32), axis=0)
+            xt, m = _class_tile(x_ptr, order_ptr, start, n, i, cols, cmask, stride_x, BLOCK_N)
+            acc += tl.sum(xt, axis=0)
         nf = tl.maximum(n, 1).to(tl.float32)
         mean = acc / nf
         tl.store(mean_ptr + c * D + cols, mean, mask=cmask)
         if WRITE_DIAG:
             acc2 = tl.zeros([BLOCK_D], dtype=tl.float32)
             for i in range(0, n, BLOCK_N):
-                r = i + tl.arange(0, BLOCK_N)
-                rmask = r < n
-                rows = tl.load(order_ptr + start + r, mask=rmask, other=0)
-                m = rmask[:, None] & cmask[None, :]
-                xt = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0)
-                dev = tl.where(m, xt.to(tl.float32) - mean[None, :], 0.0)
+                xt, m = _class_tile(x_ptr, order_ptr, start, n, i, cols, cmask, stride_x, BLOCK_N)
+                dev = tl.where(m, xt - mean[None, :], 0.0)
                 acc2 += tl.sum(dev * dev, axis=0)
             tl.store(diag_ptr + c * D + cols, acc2, mask=cmask)
 
@@ -167,15 +170,10 @@ if triton is not None:
             n = tl.load(count_ptr + c)
             acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
             for i in range(0, n, BLOCK_N):
-                r = i + tl.arange(0, BLOCK_N)
-                rmask = r < n
-                rows = tl.load(order_ptr + start + r, mask=rmask, other=0)
-                mask_i = rmask[:, None] & mi[None, :]
-                mask_j = rmask[:, None] & mj[None, :]
-                xi = tl.load(x_ptr + rows[:, None] * stride_x + ci[None, :], mask=mask_i, other=0.0)
-                xj = tl.load(x_ptr + rows[:, None] * stride_x + cj[None, :], mask=mask_j, other=0.0)
-                di = tl.where(mask_i, xi.to(tl.float32) - mean_i[None, :], 0.0)
-                dj = tl.where(mask_j, xj.to(tl.float32) - mean_j[None, :], 0.0)
+                xi, mask_i = _class_tile(x_ptr, order_ptr, start, n, i, ci, mi, stride_x, BLOCK_N)
+                xj, mask_j = _class_tile(x_ptr, order_ptr, start, n, i, cj, mj, stride_x, BLOCK_N)
+                di = tl.where(mask_i, xi - mean_i[None, :], 0.0)
+                dj = tl.where(mask_j, xj - mean_j[None, :], 0.0)
                 acc += tl.dot(tl.trans(di), dj, input_precision="ieee")
             base = m2_ptr + c.to(tl.int64) * D * D
             tl.store(base + ci[:, None] * D + cj[None, :], acc, mask=mi[:, None] & mj[None, :])

@@ -41,8 +41,9 @@ class LowRankFactor:
         global_coef: [C] float32 g_k.
         max_entries: the largest entry count of a class (sets the noise counter stride).
 
-    Memory: 4·R·D + 12·E + 4·D² + 4·C bytes (SOP, first refresh: R = 59,551 rows, D = 512,
-    E ≈ 26 · 59,551 → 122 MB + 19 MB + 1 MB).
+    Memory: 4·R·D + 12·E + 4·D² + 12·C bytes. SOP (D = 512, K = 25 neighbours), after a
+    refresh that keeps one refresh of rows: R = 70,869 rows, E = 2.59 M entries → 169 MiB
+    (dense Cholesky factors: 11.1 GiB).
     """
 
     rows: torch.Tensor

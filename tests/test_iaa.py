@@ -1,5 +1,6 @@
 """fastiaa.iaa against float64 loop transcriptions of spec IAA.md §3-5."""
 import math
+import types
 
 import pytest
 import torch
@@ -8,13 +9,14 @@ from fastiaa.iaa import (
     ClassStatistics,
     SamplingFactor,
     class_moments,
+    draw_seed,
     lambda_schedule,
     neighbor_correction,
     sampling_factor,
     synthesize,
 )
-from fastiaa.iaa import correction, statistics
-from fastiaa.iaa.correction import nearest_candidates
+from fastiaa.iaa import _neighbors, correction, statistics
+from fastiaa.iaa._neighbors import nearest_candidates
 
 # ---------------------------------------------------------------- float64 references
 
@@ -238,7 +240,8 @@ def test_correction_matches_loop(full, k, zero_mean, sentinel):
 def test_chunked_paths_match_loop(monkeypatch, full):
     # tiny work buffers: many chunks of samples, classes and rows
     monkeypatch.setattr(statistics, "_CHUNK_ELEMENTS", 40)
-    monkeypatch.setattr(correction, "_BLOCK_ELEMENTS", 20)
+    monkeypatch.setattr(_neighbors, "_BLOCK_ELEMENTS", 20)
+    monkeypatch.setattr(_neighbors, "_GATHER_ELEMENTS", 20)
     monkeypatch.setattr(correction, "_GATHER_ELEMENTS", 20)
     g = torch.Generator().manual_seed(11)
     y = torch.tensor(sum(([c] * n for c, n in enumerate(COUNTS)), []))
@@ -390,6 +393,17 @@ def test_synthesize_rejects_bad_input():
         synthesize(torch.zeros(1, 3), torch.tensor([2]), cov, 0.5, 2)
     with pytest.raises(ValueError, match="num"):
         synthesize(torch.zeros(1, 3), torch.tensor([1]), cov, 0.5, 0)
+    on_gpu = types.SimpleNamespace(device=torch.device("cuda", 0))  # stands in for a CUDA generator
+    with pytest.raises(ValueError, match="CPU torch.Generator"):
+        synthesize(torch.zeros(1, 3), torch.tensor([1]), cov, 0.5, 2, generator=on_gpu)
+
+
+def test_draw_seed_is_one_host_draw():
+    g = torch.Generator().manual_seed(21)
+    seeds = [draw_seed(g) for _ in range(3)]
+    replay = torch.Generator().manual_seed(21)
+    assert seeds == [int(torch.randint(0, 2**63 - 1, (), generator=replay)) for _ in range(3)]
+    assert len(set(seeds)) == 3 and all(0 <= s < 2**63 for s in seeds)
 
 
 def test_lambda_schedule():

@@ -167,11 +167,8 @@ def test_moments_triton_match_spec_and_torch(backend, full, dim):
     ref = kernels.class_moments(x, labels, c, full)
     assert torch.equal(got[0], ref[0])
     assert rel_err(got[1], ref[1]) < 1e-6 and rel_err(got[2], ref[2]) < 1e-5
-    assert count_is_symmetric(got[2]) if full else True
-
-
-def count_is_symmetric(m2: torch.Tensor) -> bool:
-    return torch.equal(m2, m2.transpose(1, 2))
+    if full:  # the off-diagonal blocks are written once and mirrored: exactly symmetric
+        assert torch.equal(got[2], got[2].transpose(1, 2))
 
 
 @interpret
@@ -418,6 +415,10 @@ def test_lowrank_inner_products_and_correction_match_reference():
     factor = low.corrected(num_neighbors=4, jitter=1e-9)
     assert rel_err(factor.covariance(), expected) < 1e-5
     assert factor.covariance()[4].abs().max() == 0  # a class never seen keeps covariance 0
+    plain = low.corrected(num_neighbors=4, tau=1)  # α = 0 everywhere: the uncorrected factor
+    assert float(plain.global_coef.abs().max()) == 0.0
+    assert rel_err(plain.covariance(), low.factor().covariance()) < 1e-6
+    assert rel_err(low.factor().covariance(), dense.covariance) < 1e-5
     # few-sample classes really were corrected (not a no-op)
     assert rel_err(low.covariance(), expected) > 1e-2
 
@@ -438,3 +439,74 @@ def test_lowrank_samples_match_dense_corrected_covariance(backend, dispatch):
         labels = torch.full((batch,), k)
         out = kernels.synthesize(torch.zeros(batch, low.dim), labels, factor, scale, num, 21 + k)
         assert rel_err(_sample_covariance(out), scale**2 * expected[k]) < 0.1
+
+
+# ---------------------------------------------------------------- fastiaa.iaa.synthesize on the kernels
+
+@pytest.mark.parametrize("dispatch", ["torch", "triton"])
+@pytest.mark.parametrize("form", ["diag", "full", "lowrank"])
+def test_iaa_synthesize_keys_the_kernel_with_one_cpu_draw(backend, dispatch, form):
+    """iaa.synthesize = kernels.synthesize(z, y, L, √λ, M, seed), seed = one draw of the CPU
+    generator (Triton: every form; PyTorch: the low-rank factor, which only the kernels sample)."""
+    if (dispatch == "triton") != INTERPRET or (dispatch == "torch" and form != "lowrank"):
+        pytest.skip("Triton path in the interpreter child; on PyTorch only the low-rank factor uses a seed")
+    from fastiaa.iaa import draw_seed, sampling_factor, synthesize
+
+    backend(dispatch)
+    _, low = _fold_both()
+    gen = torch.Generator().manual_seed(4)
+    z = torch.randn(5, low.dim, generator=gen)
+    labels = torch.tensor([1, 6, 0, 6, 12])
+    if form == "lowrank":
+        stats = factor = low.corrected(num_neighbors=4, jitter=1e-9)
+    elif form == "diag":
+        stats = low.diagonal()
+        factor = stats.clamp_min(0.0).sqrt()
+    else:
+        stats = sampling_factor(low.covariance(), jitter=1e-9)
+        factor = stats.data
+    source = torch.Generator().manual_seed(17)
+    out = synthesize(z, labels, stats, 0.6, 3, generator=source)
+    replay = torch.Generator().manual_seed(17)
+    expected = kernels.synthesize(z, labels, factor, math.sqrt(0.6), 3, draw_seed(replay))
+    assert torch.equal(out, expected)
+    assert torch.equal(source.get_state(), replay.get_state())  # exactly one draw taken
+
+
+@pytest.mark.parametrize("dispatch", ["torch", "triton"])
+def test_iaa_synthesize_lowrank_statistics(backend, dispatch):
+    """Draws of iaa.synthesize from LowRankStatistics.corrected(): mean z, covariance λ Σ'_k
+    with Σ'_k the dense reference correction (neighbor_correction of the dense fold)."""
+    if (dispatch == "triton") != INTERPRET:
+        pytest.skip("Triton path runs in the interpreter child, PyTorch path in the parent")
+    from fastiaa.iaa import neighbor_correction, synthesize
+
+    backend(dispatch)
+    dense, low = _fold_both()
+    expected = neighbor_correction(dense.mean, dense.covariance, dense.class_size, num_neighbors=4)[6].double()
+    factor = low.corrected(num_neighbors=4, jitter=1e-9)
+    z0 = torch.linspace(-1.0, 2.0, low.dim)
+    batch, num, lam = 24, 200, 0.64
+    out = synthesize(z0.expand(batch, -1), torch.full((batch,), 6), factor, lam, num,
+                     generator=torch.Generator().manual_seed(8))
+    assert out.shape == (num, batch, low.dim) and out.dtype == torch.float32
+    spread = math.sqrt(lam * float(expected.diagonal().max()))
+    assert float((out.reshape(-1, low.dim).double().mean(0) - z0).abs().max()) < 4 * spread / math.sqrt(num * batch)
+    assert rel_err(_sample_covariance(out), lam * expected) < 0.1
+
+
+@torch_only
+def test_iaa_synthesize_lowrank_rejects_bad_input():
+    from fastiaa.iaa import synthesize
+
+    _, low = _fold_both()
+    factor = low.corrected(num_neighbors=4)
+    z = torch.zeros(2, low.dim)
+    with pytest.raises(ValueError, match="diagonal"):
+        synthesize(z, torch.tensor([0, 1]), factor, 0.5, 2, official_repeated_sqrt=True)
+    with pytest.raises(ValueError, match="dimension"):
+        synthesize(torch.zeros(2, low.dim + 1), torch.tensor([0, 1]), factor, 0.5, 2)
+    with pytest.raises(ValueError, match=rf"\[0, {low.num_classes}\)"):
+        synthesize(z, torch.tensor([0, low.num_classes]), factor, 0.5, 2)
+    with pytest.raises(ValueError, match="num"):
+        synthesize(z, torch.tensor([0, 1]), factor, 0.5, 0)

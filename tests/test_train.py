@@ -110,3 +110,18 @@ def test_non_finite_loss_stops_with_epoch_and_step(kanji_root, tmp_path):
     trainer.model.forward = lambda x: forward(x) * float("nan")
     with pytest.raises(NonFiniteError, match="epoch 1, step 1"):
         trainer.run()
+
+
+@pytest.mark.parametrize("form, limit, low_rank", [("auto", 2.0, False), ("auto", 0.0, True), ("dense", 0.0, False)])
+def test_full_covariance_picks_dense_or_low_rank_and_trains(kanji_root, tmp_path, form, limit, low_rank):
+    from fastiaa.kernels import LowRankFactor
+    from fastiaa.iaa import SamplingFactor
+
+    cfg = tiny_config(kanji_root, tmp_path, diag=False, full_covariance=form, dense_full_limit_gib=limit,
+                      iter_per_epoch=1, eval_every=0)
+    trainer = Trainer(cfg)
+    assert trainer.low_rank is low_rank
+    trainer.refresh(2)
+    assert isinstance(trainer.factor, LowRankFactor if low_rank else SamplingFactor)
+    record = trainer.train_epoch(2)
+    assert record["lambda"] > 0 and record["loss"] >= 0 and record["loss"] == record["loss"]

@@ -47,17 +47,15 @@ symmetry), squared and summed per class pair, instead of the dense C² D² produ
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fastiaa.kernels import LowRankFactor
 
-from .correction import _min_max, nearest_candidates
+from ._neighbors import GramDistances, check_options, correction_strength, neighbor_weights
 from .statistics import ClassStatistics, check_embeddings, class_moments
 from .synthesis import sampling_factor
 
-# Upper bound on the elements of one temporary [rows, R] or [classes, C] block.
+# Upper bound on the elements of one temporary [rows, R] block of row inner products.
 _BLOCK_ELEMENTS = 1 << 24
 
 
@@ -151,8 +149,9 @@ class LowRankStatistics:
         self.row_weight, self.row_age = weight[order], age[order]
         self.row_ptr = torch.cat([self.row_ptr[:1], torch.bincount(self.row_class, minlength=self.num_classes).cumsum(0)])
 
-    def _own_factor(self) -> LowRankFactor:
-        """Σ_k as a LowRankFactor: each class's own rows, no global part."""
+    def factor(self) -> LowRankFactor:
+        """The uncorrected Σ_k as a sampling factor: each class's own rows, no global part
+        (for sampling without the neighbour correction)."""
         zeros = torch.zeros(self.dim, self.dim, device=self.rows.device)
         counts = self.row_ptr[1:] - self.row_ptr[:-1]
         return LowRankFactor(self.rows, self.row_ptr, torch.arange(self.rows.shape[0], device=self.rows.device),
@@ -161,7 +160,7 @@ class LowRankStatistics:
 
     def covariance(self, classes: torch.Tensor | None = None) -> torch.Tensor:
         """Dense Σ_k [k, D, D] float32 for ``classes`` (default all). Small problems only."""
-        return self._own_factor().covariance(classes)
+        return self.factor().covariance(classes)
 
     def diagonal(self) -> torch.Tensor:
         """diag Σ_k [C, D] float32 from the rows (equals ``stats.covariance`` when nothing was dropped)."""
@@ -210,15 +209,13 @@ class LowRankStatistics:
         Returns:
             :class:`fastiaa.kernels.LowRankFactor` with LLᵀ = Σ'_k (+ α_k γ δ I).
         """
-        if num_neighbors < 0 or sigma_m <= 0 or sigma_cv <= 0:
-            raise ValueError(f"need num_neighbors >= 0 and sigmas > 0, got {num_neighbors}, {sigma_m}, {sigma_cv}")
+        check_options(num_neighbors, sigma_m, sigma_cv)
         device = self.rows.device
         num_classes = self.num_classes
         sizes = self.class_size
         n = sizes.float()
         candidate = sizes > 1
-        alpha = 1.0 / (1.0 + torch.log1p(beta * (n - 1.0)))
-        alpha = torch.where((sizes >= 1) & (sizes < tau), alpha, torch.zeros_like(alpha))
+        alpha = correction_strength(sizes, beta, tau)
 
         # Σ_global = Σ_j n_j Σ_j / Σ n_j over the candidates, from the rows in one product.
         class_weight = torch.where(candidate, n, torch.zeros_like(n))
@@ -228,7 +225,15 @@ class LowRankStatistics:
         global_factor = sampling_factor(glob[None], jitter=jitter).data[0]
 
         k = min(int(num_neighbors), int(candidate.sum()))
-        index, weight = self._neighbor_weights(n, candidate, k, sigma_m, sigma_cv)
+        index = torch.zeros((num_classes, k), dtype=torch.int64, device=device)
+        weight = torch.zeros((num_classes, k), device=device)
+        rows = torch.nonzero(alpha > 0).squeeze(1)  # only classes with α > 0 take neighbours
+        if k and rows.numel():
+            index[rows], weight[rows] = neighbor_weights(
+                GramDistances(self.mean * self.mean, candidate),
+                _InnerProductDistances(self.covariance_inner_products(), candidate),
+                n, candidate, rows, k, sigma_m, sigma_cv,
+            )
         w_sum = weight.sum(1)
         has_nb = w_sum > 0
         nb_coef = (alpha[:, None] * (1 - gamma) * weight / w_sum.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).sqrt()
@@ -250,42 +255,6 @@ class LowRankStatistics:
         return LowRankFactor(self.rows, entry_ptr, entry_row, entry_coef.float(), global_factor,
                              global_coef.float(), int(per_class.max()) if num_classes else 0)
 
-    def _neighbor_weights(self, n, candidate, k, sigma_m, sigma_cv):
-        """Neighbour indices [C, k] and weights [C, k] (0 for padding): the rule of
-        :func:`fastiaa.iaa.neighbor_correction` (candidates: classes j != k with n_j > 1;
-        d_m, d_cv min-max normalised over them) with D_cv from the low-rank inner products."""
-        num_classes = self.num_classes
-        device = self.rows.device
-        index = torch.zeros((num_classes, k), dtype=torch.int64, device=device)
-        weight = torch.zeros((num_classes, k), device=device)
-        if k == 0:
-            return index, weight
-        mean_sq = self.mean * self.mean
-        a = mean_sq - mean_sq.mean(0)  # centring shrinks the cancellation of the Gram form
-        a_sq = (a * a).sum(1)
-        inner = self.covariance_inner_products()
-        norm = inner.diagonal().clone()
-        step = max(1, _BLOCK_ELEMENTS // 4 // num_classes)
-        for lo in range(0, num_classes, step):
-            hi = min(lo + step, num_classes)
-            block = torch.arange(hi - lo, device=device)
-            d2_m = torch.addmm(a_sq[None, :], a[lo:hi], a.T, alpha=-2.0).add_(a_sq[lo:hi, None])
-            d2_cv = (norm[lo:hi, None] + norm[None, :]).sub_(inner[lo:hi], alpha=2.0)
-            excluded = (~candidate).expand(hi - lo, -1).clone()
-            excluded[block, block + lo] = True
-            near, idx = nearest_candidates(d2_m.masked_fill(excluded, math.inf), k)
-            valid = torch.isfinite(near)
-            lo_m = near[:, :1].clamp_min(0.0).sqrt()
-            hi_m = d2_m.masked_fill(excluded, -math.inf).amax(1, keepdim=True).clamp_min(0.0).sqrt()
-            lo_cv = d2_cv.masked_fill(excluded, math.inf).amin(1, keepdim=True).clamp_min(0.0).sqrt()
-            hi_cv = d2_cv.masked_fill(excluded, -math.inf).amax(1, keepdim=True).clamp_min(0.0).sqrt()
-            dm = _min_max(near.clamp_min(0.0).sqrt(), lo_m, hi_m)
-            dcv = _min_max(d2_cv.gather(1, idx).clamp_min(0.0).sqrt(), lo_cv, hi_cv)
-            logit = -dm.square() / (2 * sigma_m**2) - dcv.square() / (2 * sigma_cv**2)
-            weight[lo:hi] = torch.where(valid, n[idx] * torch.exp(logit), torch.zeros_like(logit))
-            index[lo:hi] = idx
-        return index, weight
-
     def state_dict(self) -> dict:
         """Tensors and settings for a checkpoint."""
         return {"stats": self.stats.state_dict(), "max_history": self.max_history, "rows": self.rows.clone(),
@@ -303,3 +272,21 @@ class LowRankStatistics:
         device = self.stats.device
         for name in ("rows", "row_class", "row_weight", "row_age", "row_ptr"):
             setattr(self, name, state[name].to(device).clone())
+
+
+class _InnerProductDistances:
+    """Distance blocks of D_cv (see ``fastiaa.iaa._neighbors``) from the Frobenius inner
+    products ``inner [C, C]`` = ⟨Σ_i, Σ_j⟩: D²(i, j) = ‖Σ_j‖² − 2⟨Σ_i, Σ_j⟩ + ‖Σ_i‖²."""
+
+    def __init__(self, inner: torch.Tensor, candidate: torch.Tensor) -> None:
+        self.inner = inner
+        self.norms = inner.diagonal()
+        self.columns = None if bool(candidate.all()) else torch.nonzero(candidate).squeeze(1)
+        self.row_elements = inner.shape[1]
+
+    def __call__(self, rows: torch.Tensor, columns: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        columns = self.columns if columns is None else columns
+        block, norms = self.inner[rows], self.norms
+        if columns is not None:
+            block, norms = block[:, columns], norms[columns]
+        return block.mul_(-2.0).add_(norms.unsqueeze(0)), self.norms[rows].unsqueeze(1)

@@ -38,9 +38,15 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 
 def check_embeddings(
-    embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int, what: str = "embeddings"
+    embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int, what: str = "embeddings",
+    values: bool = True,
 ) -> None:
     """Validate an ``[N, D]`` floating embedding matrix and its ``[N]`` integer labels.
+
+    Args:
+        values: also check the label range and that every embedding is finite. These checks
+            read the tensors (a device synchronisation on a GPU); False keeps to shapes,
+            dtypes and devices.
 
     Raises:
         ValueError: wrong rank, non-floating embeddings, non-integer labels, length mismatch,
@@ -56,6 +62,8 @@ def check_embeddings(
         raise ValueError(f"{what} has {embeddings.shape[0]} rows but labels has {labels.shape[0]} entries")
     if labels.device != embeddings.device:
         raise ValueError(f"labels are on {labels.device} but {what} on {embeddings.device}; move them to one device")
+    if not values:
+        return
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(
             f"labels must lie in [0, {num_classes}) (the train class indices), "
@@ -288,35 +296,15 @@ class ClassStatistics:
         self.count += count
         self.class_size = torch.where(present, count, self.class_size)
 
-    def corrected(
-        self,
-        num_neighbors: int = 25,
-        beta: float = 0.1,
-        gamma: float = 0.1,
-        tau: float = 40,
-        sigma_m: float = 1.0,
-        sigma_cv: float = 1.0,
-        official_zero_mean_singletons: bool = False,
-        official_sentinel_normalization: bool = False,
-    ) -> torch.Tensor:
+    def corrected(self, **options) -> torch.Tensor:
         """Neighbour-corrected covariances (spec §4, Eq. 9-16), same shape as ``covariance``.
 
-        Uses :attr:`class_size` as n_k. See :func:`fastiaa.iaa.neighbor_correction` for the
-        arguments and the official-code switches.
+        ``neighbor_correction(mean, covariance, class_size, **options)``: :attr:`class_size`
+        is n_k; ``options`` are its keyword arguments (``num_neighbors``, ``beta``, ``gamma``,
+        ``tau``, ``sigma_m``, ``sigma_cv`` and the official-code switches), see
+        :func:`fastiaa.iaa.neighbor_correction`.
         """
-        return neighbor_correction(
-            self.mean,
-            self.covariance,
-            self.class_size,
-            num_neighbors=num_neighbors,
-            beta=beta,
-            gamma=gamma,
-            tau=tau,
-            sigma_m=sigma_m,
-            sigma_cv=sigma_cv,
-            official_zero_mean_singletons=official_zero_mean_singletons,
-            official_sentinel_normalization=official_sentinel_normalization,
-        )
+        return neighbor_correction(self.mean, self.covariance, self.class_size, **options)
 
     def state_dict(self) -> dict:
         """Tensors and settings for a checkpoint (loadable with ``torch.load(weights_only=True)``)."""

@@ -1,7 +1,13 @@
 """Adaptive synthesis of embeddings (spec IAA.md §5, paper Eq. 17) and the λ schedule.
 
 ẑ = z + √λ · L ε with ε ~ N(0, I) and L L^T = Σ_y: the element-wise square root for a
-diagonal Σ, the Cholesky factor of Σ + δI for a full one. Gradients flow to z only.
+diagonal Σ, the Cholesky factor of Σ + δI for a full one, or a
+:class:`fastiaa.kernels.LowRankFactor` (full covariances at SOP scale). Gradients flow to z only.
+
+Randomness comes from a CPU ``torch.Generator`` on every device: where the noise is not drawn
+by ``torch.randn`` on the CPU itself, one 63-bit seed is drawn from it on the host
+(:func:`draw_seed`) and keys the device noise. So a training run is reproducible from that
+generator's state, and drawing a seed never synchronises the GPU.
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from fastiaa import kernels
+from fastiaa.kernels import LowRankFactor
 
 from .statistics import check_embeddings
 
@@ -109,7 +116,7 @@ def sampling_factor(covariance: torch.Tensor, jitter: float = 1e-6, max_tries: i
 def synthesize(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
-    covariance: torch.Tensor | SamplingFactor,
+    covariance: torch.Tensor | SamplingFactor | LowRankFactor,
     lam: float,
     num: int,
     generator: torch.Generator | None = None,
@@ -117,40 +124,63 @@ def synthesize(
 ) -> torch.Tensor:
     """Draw ``num`` synthetic embeddings per original (spec §5, Eq. 17): ẑ = z + √λ L_y ε.
 
+    Randomness: ``generator`` is a CPU ``torch.Generator`` whatever the embeddings' device
+    (None: the global CPU generator), so that reproducibility rests on its state alone
+    (``get_state`` / ``set_state`` for checkpoints) and no step waits for the GPU:
+
+    * CPU embeddings on the PyTorch path: ε = ``torch.randn((num, B, D), generator=generator)``.
+    * Every other case (CUDA embeddings; the Triton kernels; a :class:`LowRankFactor`): one
+      seed ``int(torch.randint(0, 2**63 - 1, (), generator=generator))`` is drawn on the host
+      and keys the noise: the Philox stream of ``fastiaa.kernels.synthesize`` (Triton), or a
+      ``torch.Generator`` on the embeddings' device seeded with it (PyTorch paths). Either
+      way exactly one value is drawn from ``generator`` per call.
+
     Args:
         embeddings: ``[B, D]`` originals z (un-normalised, as the class statistics); the
             result is differentiable with respect to them (d ẑ / d z = I).
         labels: ``[B]`` integer class indices.
-        covariance: class covariances ``[C, D]`` / ``[C, D, D]`` or a precomputed
+        covariance: class covariances ``[C, D]`` / ``[C, D, D]``, a precomputed
             :class:`SamplingFactor` (pass one for full covariances: a Cholesky per step is
-            slow). Detached: no gradient reaches the statistics.
+            slow), or a :class:`fastiaa.kernels.LowRankFactor` (from
+            :meth:`fastiaa.iaa.LowRankStatistics.corrected`; always sampled by
+            ``fastiaa.kernels.synthesize``, whose PyTorch fallback serves CPU tensors).
+            Detached: no gradient reaches the statistics.
         lam: λ_t >= 0 (see :func:`lambda_schedule`).
         num: M >= 1 samples per original.
-        generator: source of ε (a generator on the embeddings' device); None uses the
-            global RNG. With the Triton backend one 63-bit seed is drawn from it.
+        generator: a CPU ``torch.Generator`` or None (see above).
         official_repeated_sqrt: the official loop's quirk: sample m (1-based) uses
             Σ^(1/2^m) element-wise as its standard deviation (diagonal only).
 
     Returns:
         ``[num, B, D]`` tensor in the embeddings' dtype; block m holds the m-th draw for
-        every original. On CPU the noise is ``torch.randn((num, B, D), generator=...)``.
+        every original.
 
-    Memory (torch path, full): gathers the ``[U, D, D]`` factors of the U classes in the
+    Memory (PyTorch path, full): gathers the ``[U, D, D]`` factors of the U classes in the
     batch per step (63 MB for U = 60, D = 512).
 
     Raises:
-        ValueError: bad shapes or labels, λ < 0, num < 1, a covariance on another device,
-            or ``official_repeated_sqrt`` with a full covariance.
+        ValueError: bad shapes or labels, λ < 0, num < 1, a covariance on another device, a
+            generator that is not on the CPU, or ``official_repeated_sqrt`` with a full or
+            low-rank covariance. The label range and NaN / Inf embeddings are checked for CPU
+            tensors only: on a GPU those checks would synchronise every step (labels come from
+            the train set there; the caller checks the embeddings with its loss).
     """
-    if isinstance(covariance, SamplingFactor):
+    lowrank = isinstance(covariance, LowRankFactor)
+    if lowrank:
+        factor, table, full = None, covariance.rows, True
+        num_classes = covariance.num_classes
+    elif isinstance(covariance, SamplingFactor):
         factor, table = covariance, covariance.data
         full = factor.kind == "full"
+        num_classes = table.shape[0]
     else:
         factor, table = None, covariance
         full = covariance.dim() == 3
         if covariance.dim() not in (2, 3):
             raise ValueError(f"covariance must be [C, D] or [C, D, D], got {list(covariance.shape)}")
-    check_embeddings(embeddings, labels, table.shape[0])
+        num_classes = table.shape[0]
+    # value checks read the tensors: on a GPU they would synchronise every step
+    check_embeddings(embeddings, labels, num_classes, values=embeddings.device.type == "cpu")
     if table.shape[1] != embeddings.shape[1]:
         raise ValueError(f"covariance has dimension {table.shape[1]}, embeddings {embeddings.shape[1]}")
     if table.device != embeddings.device:
@@ -160,15 +190,23 @@ def synthesize(
     if lam < 0 or num < 1:
         raise ValueError(f"need lam >= 0 and num >= 1, got lam={lam}, num={num}")
     if official_repeated_sqrt and full:
-        raise ValueError("official_repeated_sqrt reproduces a diagonal-only quirk; use it with a diagonal covariance")
+        raise ValueError(
+            "official_repeated_sqrt reproduces a diagonal-only quirk; use it with a diagonal covariance "
+            "(not a full or low-rank one)"
+        )
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(
+            f"generator must be a CPU torch.Generator (got one on {generator.device}): synthesis draws its seeds "
+            "on the host so that no step waits for the GPU; create it with torch.Generator() and seed it"
+        )
 
     scale = math.sqrt(lam)
-    if not official_repeated_sqrt and kernels.use_triton(embeddings):
-        seed_device = generator.device if generator is not None else "cpu"
-        seed = int(torch.randint(0, 2**63 - 1, (), generator=generator, device=seed_device))
-        factor = factor if factor is not None else sampling_factor(covariance)
-        return kernels.synthesize(embeddings, labels, factor.data, scale, num, seed)
+    if lowrank or (not official_repeated_sqrt and kernels.use_triton(embeddings)):
+        factor = covariance if lowrank else (factor if factor is not None else sampling_factor(covariance)).data
+        return kernels.synthesize(embeddings, labels, factor, scale, num, draw_seed(generator))
 
+    if embeddings.device.type != "cpu":
+        generator = torch.Generator(embeddings.device).manual_seed(draw_seed(generator))
     b, d = embeddings.shape
     labels = labels.long()
     noise = torch.randn((num, b, d), generator=generator, device=embeddings.device, dtype=torch.float32)
@@ -182,6 +220,14 @@ def synthesize(
             std = std.unsqueeze(0) ** exponents.view(-1, 1, 1)
         offset = std * noise
     return embeddings.unsqueeze(0) + (scale * offset).to(embeddings.dtype)
+
+
+def draw_seed(generator: torch.Generator | None = None) -> int:
+    """One seed in [0, 2**63 - 1) from a CPU ``generator`` (None: the global CPU generator).
+
+    Runs on the host only (never synchronises a GPU); advances ``generator`` by one draw.
+    """
+    return int(torch.randint(0, 2**63 - 1, (), generator=generator))
 
 
 def _apply_full_factor(table: torch.Tensor, is_factor: bool, labels: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

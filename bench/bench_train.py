@@ -1,0 +1,471 @@
+"""End-to-end training benchmark (issue 6): images/s of fastiaa's real trainer against the
+authors' loop re-implemented from the spec (bench/baseline_loop.py), in the same run.
+
+fastiaa rows run ``fastiaa.train.Trainer`` through its public methods: a warm-up
+``train_epoch`` (loader workers or DALI pipeline, allocator, kernel compilation), then a timed
+one: sampler -> pipeline -> model -> IAA synthesis -> loss -> optimiser step, with the loss read
+back every step as the trainer does. With IAA on, the class statistics are filled from random
+embeddings instead of a refresh (a step's cost does not depend on their values). Then, per
+backbone in ``--stage-backbones``, one statistics refresh over the train set
+(``Trainer.refresh``: embed + class moments + neighbour correction + sampling factor) and one
+evaluation (``Trainer.evaluate``: embed + Recall@K / MAP@R / RP), each timed after a warm-up
+pass, as images/s.
+
+Configurations per backbone: IAA on / off x "fast" on / off, where fast = AMP (bf16, or fp16
+on GPUs without bf16) + channels-last, and off = float32 channels-first; the authors' loop is
+float32 channels-first with PIL per-sample transforms, per-class estimator loops, a per-sample
+synthesis loop and a per-anchor Multi-Similarity loop. "x authors" divides by the authors' row
+of the same backbone and IAA setting.
+
+Sizes:
+  CPU (default when no GPU): GoogLeNet (--full: all three), batch 60 (20 classes x 3), 96 px
+    crops of 112 px resizes, 3 timed steps; data: the first 80 train and 80 test classes of
+    the kanji demo (data/kanji, or a small build in a temp folder), 1,280 images each.
+  CUDA: GoogLeNet (batch 180), BN-Inception and ResNet-50 (batch 256) at 224 px crops of 256 px
+    resizes, M = 3, 512-d (the authors' SOP settings, spec §7), 10 timed steps; data: Stanford
+    Online Products-shaped lists (59,551 train images in 11,318 classes, 60,502 test images in
+    11,316 classes, 2-12 per class) over a pool of 256 generated 500x500 JPEGs
+    (bench_pipeline.make_photos), so decoding costs what a SOP photo costs. The authors' refresh
+    and evaluation run on the first classes holding --authors-images images (their images/s
+    barely depends on the count); their correction loop runs on every n-th class and its time
+    is scaled by n (marked ~).
+With CUDA, the full-size GoogLeNet rows also give a projected wall time of a 100-epoch SOP
+reproduction (``make reproduce DATASET=stanford``).
+
+Usage: python bench/bench_train.py [--device auto|cpu|cuda] [--full] [--backbones ...]
+       [--steps N] [--batch B] [--image-size PX] [--loader torchvision|dali] [--budget-s S]
+       [--out FILE.md]
+Prints Markdown tables (and writes them to --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from baseline_loop import AuthorsTrainer  # noqa: E402
+from bench_eval import sop_like  # noqa: E402
+from bench_pipeline import kanji_root, make_photos  # noqa: E402
+from common import use_all_cores  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BACKBONES = ("googlenet", "bninception", "resnet50")
+SOP_TRAIN, SOP_TEST = (59551, 11318), (60502, 11316)   # (images, classes), spec §1
+RECALL_KS = (1, 10, 100, 1000)                          # SOP's K, spec §8
+KANJI_KS = (1, 2, 4, 8)
+KANJI_CLASSES = 48                                      # CPU: 768 train and 768 test images
+HEADER = "image_id class_id super_class_id path"
+
+
+# ------------------------------------------------------------------ data
+
+def _write_lists(out: Path, splits: dict[str, list[tuple[int, str]]], images_dir: Path) -> Path:
+    """SOP-format Ebay_train.txt / Ebay_test.txt under ``out`` from (class_id, relative path)
+    rows, with ``out/images`` linked to ``images_dir``; returns ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    link = out / "images"
+    if not link.exists():
+        link.symlink_to(images_dir.resolve(), target_is_directory=True)
+    for name, rows in splits.items():
+        lines = [HEADER] + [f"{i + 1} {c} 1 {p}" for i, (c, p) in enumerate(rows)]
+        (out / name).write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _read_rows(path: Path) -> list[tuple[int, str]]:
+    rows = [line.split() for line in path.read_text().splitlines()[1:] if line.strip()]
+    return [(int(class_id), rel) for _, class_id, _, rel in rows]
+
+
+def kanji_subset(out: Path, classes: int) -> Path:
+    """The first ``classes`` train and test classes of the kanji demo as a SOP-format root."""
+    src = kanji_root(out / "build")
+    splits = {}
+    for name in ("Ebay_train.txt", "Ebay_test.txt"):
+        rows = _read_rows(src / name)
+        keep = sorted({c for c, _ in rows})[:classes]
+        splits[name] = [(c, p) for c, p in rows if c in set(keep)]
+    if any(not p.startswith("images/") for rows in splits.values() for _, p in rows):
+        raise ValueError(f"{src}: expected image paths under images/")
+    return _write_lists(out / "kanji_subset", splits, src / "images")
+
+
+def sop_shaped(out: Path) -> Path:
+    """SOP-shaped split lists (spec §1 sizes, classes of 2-12 images, rows grouped by class) over
+    the 256 generated 500x500 JPEGs of bench_pipeline.make_photos, reused cyclically."""
+    pool_root = make_photos(out / "photos")
+    pool = [p for _, p in _read_rows(pool_root / "Ebay_train.txt")]
+    splits, offset = {}, 0
+    for name, (n, classes), seed in (("Ebay_train.txt", SOP_TRAIN, 0), ("Ebay_test.txt", SOP_TEST, 1)):
+        _, labels = sop_like(n, classes, 1, seed=seed)
+        labels = np.sort(labels)
+        splits[name] = [(offset + int(c) + 1, pool[(offset + i) % len(pool)]) for i, c in enumerate(labels)]
+        offset += classes
+    return _write_lists(out / "sop_shaped", splits, pool_root / "images")
+
+
+def head_classes(images, max_images: int | None):
+    """The ImageSet restricted to its first classes (label order) holding at most ``max_images``
+    images (all of it when None or larger), labels renumbered from 0."""
+    from fastiaa.data import ImageSet
+
+    if max_images is None or max_images >= len(images):
+        return images
+    counts = np.bincount(images.labels, minlength=images.num_classes)
+    keep = max(1, int(np.searchsorted(np.cumsum(counts), max_images, side="right")))
+    rows = np.flatnonzero(images.labels < keep)
+    return ImageSet(tuple(images.paths[i] for i in rows), images.labels[rows], images.class_ids[:keep])
+
+
+# ------------------------------------------------------------------ settings
+
+@dataclasses.dataclass
+class Scale:
+    device: str
+    crop: int
+    resize: int
+    steps: int
+    workers: int
+    eval_batch: int
+    loader: str
+    batch: int | None             # None: the authors' SOP batch of each backbone
+    authors_images: int | None    # cap on the authors' refresh / evaluation sets
+    ks: tuple[int, ...]           # Recall@K
+    full_size: bool               # SOP-sized data and settings (projection allowed)
+
+
+def make_scale(args) -> Scale:
+    cuda = args.device == "cuda"
+    loader = args.loader or ("dali" if cuda and _dali_importable() else "torchvision")
+    return Scale(device=args.device, crop=args.image_size or (224 if cuda else 96),
+                 resize=args.resize_size or (256 if cuda else 112), steps=args.steps or (10 if cuda else 3),
+                 workers=args.workers or (min(16, os.cpu_count() or 1) if cuda else 2),
+                 eval_batch=256 if cuda else 128, loader=loader, batch=args.batch or (None if cuda else 60),
+                 authors_images=args.authors_images or (12000 if cuda else 480), ks=RECALL_KS if cuda else KANJI_KS,
+                 full_size=cuda and not (args.image_size or args.resize_size or args.batch))
+
+
+def _dali_importable() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def train_config(scale: Scale, root: Path, backbone: str, intra: bool, fast: bool, workdir: str):
+    """TrainConfig of the authors' SOP command for ``backbone`` (spec §7) at ``scale``."""
+    from fastiaa.config import TrainConfig, preset_overrides
+
+    values = preset_overrides("stanford", backbone)
+    values.update(data=str(root), pretrained=False, image_size=scale.crop, resize_size=scale.resize,
+                  loader=scale.loader, workers=scale.workers, eval_batch=scale.eval_batch,
+                  iter_per_epoch=scale.steps, start_epoch=0, warmup_epoch=0, intra=intra, correction="on",
+                  recall=scale.ks, eval_every=0, device=scale.device, amp="auto" if fast else "off",
+                  channels_last=fast, save_dir=workdir, name=f"{backbone}_{intra}_{fast}")
+    if scale.batch:
+        values["batch"] = scale.batch
+    return TrainConfig(**values)
+
+
+# ------------------------------------------------------------------ measurements
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _release() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def random_statistics(trainer) -> None:
+    """Fill the trainer's class statistics from random embeddings and set its sampling factor
+    (stands in for a refresh: a training step costs the same whatever the statistics hold)."""
+    from fastiaa.iaa import sampling_factor
+
+    labels = torch.from_numpy(np.array(trainer.dataset.train.labels)).to(trainer.device)
+    gen = torch.Generator(trainer.device).manual_seed(0)
+    z = torch.randn(len(labels), trainer.cfg.embedding_size, generator=gen, device=trainer.device)
+    trainer.stats.update(z, labels)
+    trainer.factor = sampling_factor(trainer.stats.covariance)
+
+
+def fastiaa_train(cfg) -> dict:
+    """Images/s of one timed ``train_epoch`` after a warm-up epoch."""
+    from fastiaa.train import Trainer
+
+    trainer = Trainer(cfg)
+    if cfg.intra:
+        random_statistics(trainer)
+    trainer.train_epoch(1)
+    record = trainer.train_epoch(2)
+    _sync(cfg.device)
+    out = {"images_per_s": record["images_per_s"], "batch": cfg.batch, "amp": str(trainer.amp or "float32")}
+    del trainer
+    _release()
+    return out
+
+
+def fastiaa_stages(cfg) -> dict:
+    """Seconds of one statistics refresh over the train set and one evaluation, each after a
+    warm-up pass of the same call."""
+    from fastiaa.train import Trainer
+
+    trainer = Trainer(cfg)
+    out = {}
+    for stage, call, images in (("refresh", lambda: trainer.refresh(1), len(trainer.dataset.train)),
+                                ("evaluate", trainer.evaluate, len(trainer.dataset.test))):
+        call()
+        _sync(cfg.device)
+        start = time.perf_counter()
+        call()
+        _sync(cfg.device)
+        out[stage] = {"seconds": time.perf_counter() - start, "images": images, "extrapolated": False}
+    del trainer
+    _release()
+    return out
+
+
+def authors_trainer(cfg, scale: Scale, intra: bool, stages: bool = False) -> AuthorsTrainer:
+    from fastiaa.data import load_dataset
+
+    dataset = load_dataset(cfg.dataset, cfg.data)
+    train, test = dataset.train, dataset.test
+    if stages:
+        train, test = head_classes(train, scale.authors_images), head_classes(test, scale.authors_images)
+    iterations = min(len(train) // cfg.batch, cfg.iter_per_epoch)
+    return AuthorsTrainer(cfg.backbone, train, test, batch=cfg.batch, images_per_class=cfg.num_image_per_class,
+                          iterations=iterations, resize_size=cfg.resize_size, crop_size=cfg.image_size,
+                          workers=cfg.workers, device=cfg.device, eval_batch=cfg.eval_batch, intra=intra,
+                          lam=cfg.intra_lamda, aug_num=cfg.aug_num, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                          embedding_size=cfg.embedding_size, seed=cfg.seed)
+
+
+def _random_covariance(trainer: AuthorsTrainer) -> None:
+    est = trainer.estimator
+    gen = torch.Generator(trainer.device).manual_seed(0)
+    labels = torch.from_numpy(np.array(trainer.train_set.labels)).to(trainer.device)
+    z = torch.randn(len(labels), est.ave.shape[1], generator=gen, device=trainer.device)
+    counts = torch.bincount(labels, minlength=est.ave.shape[0]).clamp_min(1)[:, None]
+    mean = torch.zeros_like(est.ave).index_add_(0, labels, z) / counts
+    trainer.covariance = torch.zeros_like(est.cov).index_add_(0, labels, (z - mean[labels]) ** 2) / counts
+
+
+def authors_train(cfg, scale: Scale) -> dict:
+    trainer = authors_trainer(cfg, scale, cfg.intra)
+    if cfg.intra:
+        _random_covariance(trainer)
+    trainer.train_epoch(1)
+    record = trainer.train_epoch(2)
+    del trainer
+    _release()
+    return {"images_per_s": record["images_per_s"], "batch": cfg.batch, "amp": "float32"}
+
+
+def authors_stages(cfg, scale: Scale) -> dict:
+    trainer = authors_trainer(cfg, scale, True, stages=True)
+    every = max(1, round(trainer.train_set.num_classes / 500)) if scale.device == "cuda" else 1
+    trainer.refresh(every)            # warm-up (loader workers, allocator)
+    refresh = trainer.refresh(every)
+    trainer.evaluate(scale.ks)
+    evaluate = trainer.evaluate(scale.ks)
+    del trainer
+    _release()
+    return {"refresh": refresh, "evaluate": {"seconds": evaluate["seconds"], "images": evaluate["images"],
+                                             "extrapolated": False}}
+
+
+# ------------------------------------------------------------------ report
+
+def environment(device: str) -> str:
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    if device == "cuda":
+        hardware = torch.cuda.get_device_name()
+    else:
+        hardware = f"{platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores"
+        try:
+            model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+            hardware = f"{model}, {len(os.sched_getaffinity(0))} cores"
+        except (OSError, StopIteration):
+            pass
+    load = ", load average %.1f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
+    return (f"{datetime.date.today().isoformat()}, {hardware}{load}, torch {torch.__version__}, "
+            f"commit {commit}")
+
+
+def ratio(value: float | None, base: float | None) -> str:
+    return f"{value / base:.2f}x" if value and base else "-"
+
+
+def rate(value: float | None, approx: bool = False) -> str:
+    return "not run" if value is None else f"{'~' if approx else ''}{value:,.1f}"
+
+
+def images(stage: dict | None) -> str:
+    return f"{stage['images']:,}" if stage else "-"
+
+
+def projection(train_off: float, train_on: float, refresh: float, evaluate: float) -> str:
+    """Wall time of ``make reproduce DATASET=stanford`` from measured images/s (spec §2, §3, §7):
+    100 epochs of min(59,551 // 180, 300) = 300 steps of 180 images, IAA from epoch 31 on, a
+    refresh over the train set every 2nd epoch from 31 (35 refreshes), an evaluation before
+    training and after every epoch (101)."""
+    from fastiaa.config import PRESETS, TrainConfig
+
+    cfg = TrainConfig(**PRESETS["stanford"])
+    per_epoch = min(SOP_TRAIN[0] // cfg.batch, cfg.iter_per_epoch) * cfg.batch
+    epochs_on = cfg.epochs - cfg.start_epoch
+    refreshes = len(range(cfg.start_epoch + 1, cfg.epochs + 1, cfg.update_every_M_epoch))
+    seconds = {"train": per_epoch * (cfg.start_epoch / train_off + epochs_on / train_on),
+               "refresh": refreshes * SOP_TRAIN[0] / refresh, "evaluate": (cfg.epochs + 1) * SOP_TEST[0] / evaluate}
+    total = sum(seconds.values())
+    parts = ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())
+    return (f"Projected 100-epoch SOP reproduction (GoogLeNet MS + IAA, preset stanford), from the rows above: "
+            f"{total / 60:.1f} min ({parts}).")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--full", action="store_true", help="all three backbones on the CPU too")
+    parser.add_argument("--backbones", nargs="+", choices=BACKBONES)
+    parser.add_argument("--stage-backbones", nargs="+", choices=BACKBONES,
+                        help="backbones whose refresh and evaluation are timed (default: the first)")
+    parser.add_argument("--steps", type=int, help="timed steps per configuration (after as many warm-up steps)")
+    parser.add_argument("--batch", type=int, help="batch size for every backbone (default: CPU 60, CUDA the "
+                                                  "authors' 180 / 256)")
+    parser.add_argument("--image-size", type=int, help="crop size in px (CPU 96, CUDA 224)")
+    parser.add_argument("--resize-size", type=int, help="resize before the crop (CPU 112, CUDA 256)")
+    parser.add_argument("--workers", type=int, help="loader workers / DALI threads (CPU 2, CUDA min(16, cores))")
+    parser.add_argument("--loader", choices=["torchvision", "dali"], help="fastiaa's loader (CUDA: dali if importable)")
+    parser.add_argument("--authors-images", type=int,
+                        help="images of the authors' refresh and evaluation sets (CPU 480, CUDA 12,000)")
+    parser.add_argument("--no-authors", action="store_true", help="skip the authors' loop")
+    parser.add_argument("--budget-s", type=float, help="skip the remaining configurations after this many seconds")
+    parser.add_argument("--data", type=Path, help="folder for the generated data (default: a temp folder)")
+    parser.add_argument("--out", type=Path, help="also write the Markdown tables here")
+    args = parser.parse_args()
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
+    use_all_cores()
+    scale = make_scale(args)
+    backbones = args.backbones or (BACKBONES if args.device == "cuda" or args.full else BACKBONES[:1])
+    stage_backbones = args.stage_backbones or backbones[:1]
+    started = time.perf_counter()
+
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        data_dir = args.data or Path(tmp)
+        root = sop_shaped(data_dir) if args.device == "cuda" else kanji_subset(data_dir, KANJI_CLASSES)
+        runs = tempfile.mkdtemp(dir=tmp)
+        jobs = []   # (priority, backbone, method, intra, fast); authors rows never use the fast path
+        for rank, backbone in enumerate(backbones):
+            jobs += [(2 * rank, backbone, "fastiaa", True, True), (2 * rank + 1, backbone, "fastiaa", False, True),
+                     (2 * rank + 1, backbone, "fastiaa", True, False), (2 * rank + 2, backbone, "fastiaa", False, False)]
+            if not args.no_authors:
+                jobs += [(2 * rank, backbone, "authors", True, False), (2 * rank + 2, backbone, "authors", False, False)]
+            if backbone in stage_backbones:
+                jobs += [(2 * rank, backbone, "fastiaa stages", True, True)]
+                if not args.no_authors:
+                    jobs += [(2 * rank, backbone, "authors stages", True, False)]
+        results = {}
+        for _, backbone, method, intra, fast in sorted(jobs, key=lambda j: j[0]):
+            key = (backbone, method, intra, fast)
+            if args.budget_s and time.perf_counter() - started > args.budget_s:
+                print(f"skipped (time budget): {key}", flush=True)
+                continue
+            cfg = train_config(scale, root, backbone, intra, fast, runs)
+            run = {"fastiaa": fastiaa_train, "fastiaa stages": fastiaa_stages}.get(method)
+            t = time.perf_counter()
+            try:
+                if run is not None:
+                    results[key] = run(cfg)
+                else:
+                    results[key] = (authors_train if method == "authors" else authors_stages)(cfg, scale)
+            except Exception as err:  # report and go on: one broken configuration must not hide the others
+                print(f"FAILED {key}: {type(err).__name__}: {err}", flush=True)
+                _release()
+                continue
+            print(f"done {key} in {time.perf_counter() - t:.1f} s: {results[key]}", flush=True)
+
+    text = report(results, backbones, stage_backbones, scale, args)
+    print("\n" + text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+def report(results: dict, backbones, stage_backbones, scale: Scale, args) -> str:
+    data = ("SOP-shaped lists (59,551 train / 60,502 test images) over 256 generated 500x500 JPEGs"
+            if scale.device == "cuda" else
+            f"kanji demo, first {KANJI_CLASSES} train / {KANJI_CLASSES} test classes of 16 images")
+    lines = [f"### Training throughput, end to end (bench_train.py, {scale.device})", "",
+             f"{environment(scale.device)}. Data: {data}; {scale.crop} px crops of {scale.resize} px resizes, "
+             f"M = 3, 512-d, m = 3 per class; {scale.steps} timed steps after {scale.steps} warm-up steps; "
+             f"fastiaa loader {scale.loader}, {scale.workers} workers (the authors' DataLoader as many). "
+             f"Command: `python bench/bench_train.py {' '.join(sys.argv[1:])}`.", "",
+             "| backbone | method | IAA | AMP + channels-last | batch | train images/s | x authors |",
+             "|---|---|---|---|---|---|---|"]
+    for backbone in backbones:
+        base = {intra: results.get((backbone, "authors", intra, False), {}).get("images_per_s") for intra in (True, False)}
+        for method, intra, fast in (("fastiaa", True, True), ("fastiaa", True, False), ("fastiaa", False, True),
+                                    ("fastiaa", False, False), ("authors", True, False), ("authors", False, False)):
+            if method == "authors" and args.no_authors:
+                continue
+            r = results.get((backbone, method, intra, fast), {})
+            value = r.get("images_per_s")
+            amp = f"on ({r['amp'].replace('torch.', '')})" if fast and r else ("on" if fast else "off (float32)")
+            lines.append(f"| {backbone} | {'fastiaa Trainer' if method == 'fastiaa' else 'authors loop'} | "
+                         f"{'on' if intra else 'off'} | {amp} | {r.get('batch', '-')} | {rate(value)} | "
+                         f"{ratio(value, base[intra])} |")
+    lines += ["", "| backbone | stage | fastiaa images | fastiaa images/s | authors images | authors images/s | x authors |",
+              "|---|---|---|---|---|---|---|"]
+    for backbone in stage_backbones:
+        fast = results.get((backbone, "fastiaa stages", True, True), {})
+        slow = results.get((backbone, "authors stages", True, False), {})
+        for stage, title in (("refresh", "statistics refresh (train set)"), ("evaluate", "evaluation (test set)")):
+            f, s = fast.get(stage), slow.get(stage)
+            fv = f["images"] / f["seconds"] if f else None
+            sv = s["images"] / s["seconds"] if s else None
+            lines.append(f"| {backbone} | {title} | {images(f)} | {rate(fv)} | {images(s)} | "
+                         f"{rate(sv, bool(s and s['extrapolated']))} | {ratio(fv, sv)} |")
+    lines += ["", "~: the authors' correction loop ran on a sample of the classes and its time was scaled up."
+              if any(r.get("refresh", {}).get("extrapolated") for r in results.values()) else
+              "All rows measured in full (no extrapolation)."]
+    g = "googlenet"
+    parts = [results.get((g, "fastiaa", False, True), {}).get("images_per_s"),
+             results.get((g, "fastiaa", True, True), {}).get("images_per_s"),
+             results.get((g, "fastiaa stages", True, True), {})]
+    if scale.full_size and parts[0] and parts[1] and parts[2]:
+        st = parts[2]
+        lines += ["", projection(parts[0], parts[1], st["refresh"]["images"] / st["refresh"]["seconds"],
+                                 st["evaluate"]["images"] / st["evaluate"]["seconds"])]
+    elif not scale.full_size:
+        lines += ["", "Reduced size: no reproduction wall time is projected from these rows."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

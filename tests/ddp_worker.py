@@ -1,0 +1,34 @@
+"""One tiny run's refresh, evaluation and training step, saved for tests/test_distributed.py.
+
+Run as a single process or under ``torchrun --nproc-per-node 2`` (gloo on the CPU); the test
+compares what the two wrote. ``fail`` makes rank 1 raise while rank 0 waits in a collective.
+"""
+import sys
+
+import torch
+
+from fastiaa.config import TrainConfig
+from fastiaa.train import Trainer
+
+
+def main(root: str, out: str, mode: str) -> None:
+    cfg = TrainConfig(dataset="kanji", data=root, backbone="efficientnet_lite0", image_size=48, resize_size=56,
+                      batch=24, eval_batch=20, num_image_per_class=3, iter_per_epoch=1, epochs=1, embedding_size=32,
+                      workers=0, start_epoch=0, update_every_M_epoch=1, correction="on", num_neighbor=5,
+                      save_dir=out, name="ddp", seed=5, device="cpu", amp="off")
+    trainer = Trainer(cfg)
+    if mode == "fail":
+        if trainer.world.rank == 1:
+            raise RuntimeError("rank 1 fails on purpose")
+        torch.distributed.barrier()  # never passes: the launcher must end this rank
+    metrics = trainer.evaluate()
+    trainer.refresh(1)
+    trainer.factor = None  # the step without synthesis: per-rank noise differs by design
+    loss = trainer.train_epoch(1)["loss"]
+    if trainer.world.is_main:
+        torch.save({"metrics": metrics, "statistics": trainer.stats.state_dict(), "loss": loss,
+                    "model": trainer.model.state_dict()}, f"{out}/{mode}.pt")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
