@@ -135,9 +135,9 @@ def _cmd_train(args) -> int:
 
     cfg = config_from_args(args)
     best = train(cfg)
-    if best:
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in best.items()
-                          if k.startswith(("recall@", "map@r", "r_precision", "epoch"))}))
+    comparison = cfg.run_dir() / "paper_comparison.md"
+    if best and comparison.is_file():
+        print(f"\nbest epoch {best['epoch']} ({comparison}):\n{comparison.read_text()}")
     return 0
 
 

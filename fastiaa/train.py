@@ -65,24 +65,6 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-class _RankShard:
-    """The slice of every global batch that this rank trains on (the sampler draws globally)."""
-
-    def __init__(self, sampler: BalancedBatchSampler, world: distributed.World):
-        self.sampler, self.world = sampler, world
-        self.batch_size = sampler.batch_size // world.world_size
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def __iter__(self):
-        for batch in self.sampler:
-            yield batch[distributed.shard(len(batch), self.world)]
-
-
 def _shard_images(images: ImageSet, world: distributed.World) -> ImageSet:
     part = distributed.shard(len(images), world)
     return dataclasses.replace(images, paths=images.paths[part], labels=images.labels[part])
@@ -142,7 +124,7 @@ class Trainer:
         self.ks = tuple(cfg.recall) if cfg.recall else self.dataset.recall_ks
         train = self.dataset.train
         if cfg.batch % self.world.world_size:
-            raise ValueError(f"--batch {cfg.batch} must be divisible by the number of processes "
+            raise ValueError(f"--batch {cfg.batch} must be a multiple of the number of processes "
                              f"({self.world.world_size})")
         iterations = min(len(train) // cfg.batch, cfg.iter_per_epoch)
         if iterations < 1:
@@ -157,8 +139,8 @@ class Trainer:
         norm = NORMALIZATIONS[model.input_space]
         geometry = dict(normalization=norm, resize=self.dataset.resize, resize_size=cfg.resize_size,
                         crop_size=cfg.image_size, num_threads=cfg.workers, device=str(self.device))
-        self.train_loader = build_train_loader(cfg.loader, train, _RankShard(sampler, self.world),
-                                               seed=cfg.seed, **geometry)
+        self.train_loader = build_train_loader(cfg.loader, train, sampler, seed=cfg.seed,
+                                               shard=(self.world.rank, self.world.world_size), **geometry)
         evals = {"train": train, "test": self.dataset.test, "query": self.dataset.query,
                  "gallery": self.dataset.gallery}
         self.eval_loaders = {
@@ -204,15 +186,22 @@ class Trainer:
 
     # -- pieces of an epoch ---------------------------------------------------------------
     def refresh(self, epoch: int) -> None:
-        """Fold the statistics of the whole train set into the estimator (spec §3-4)."""
-        what = f"refresh statistics (epoch {epoch})"
-        loader = self.eval_loaders["train"]
-        if self.low_rank:  # keeps the centred embeddings themselves: every rank needs all of them
-            z, y = embed(self.model, loader, self.device, self.amp, self.world, what)
-            self.stats.update(z.to(self.device), y.to(self.device))
-        else:  # each rank's shard gives class moments, merged across ranks, folded once
-            z, y = embed(self.model, loader, self.device, self.amp, distributed.World(), what)
-            moments = class_moments(z.to(self.device), y.to(self.device), self.stats.num_classes, not self.cfg.diag)
+        """Embed the whole train set and fold its statistics into the estimator (spec §3-4)."""
+        # the low-rank form keeps the centred embeddings themselves: every rank needs all of them;
+        # otherwise each rank's shard gives class moments that are merged across ranks
+        world = self.world if self.low_rank else distributed.World()
+        z, y = embed(self.model, self.eval_loaders["train"], self.device, self.amp, world,
+                     f"refresh statistics (epoch {epoch})")
+        self.fold_statistics(z, y)
+
+    def fold_statistics(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        """Fold train embeddings ``[N, D]`` float32 with labels ``[N]`` into the class statistics
+        (this rank's shard, or all of them for the low-rank form) and recompute the sampling factor."""
+        z, y = embeddings.to(self.device), labels.to(self.device)
+        if self.low_rank:
+            self.stats.update(z, y)
+        else:
+            moments = class_moments(z, y, self.stats.num_classes, not self.cfg.diag)
             self.stats.update_from_moments(*_merge_moments(*moments, self.world))
         self._refresh_factor()
 

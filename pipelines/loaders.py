@@ -34,15 +34,23 @@ class TrainLoader:
 
     ``set_epoch(e)`` selects the epoch (and calls ``sampler.set_epoch(e)``); the same (seed, epoch)
     gives the same batches and the same crops and flips, with either loader kind. Iterating yields
-    ``len(self)`` ``Batch``es (images [B, 3, crop, crop] channels-last ``dtype``).
+    ``len(self)`` ``Batch``es (images [B, 3, crop, crop] channels-last ``dtype``). With
+    ``shard=(rank, world_size)`` each batch is this rank's contiguous share of the sampler's
+    global batch, with the very crops and flips that share gets in a single-process run.
     """
 
     def __init__(self, kind, images, sampler, normalization, resize, resize_size, crop_size, seed, num_threads,
-                 device, dtype):
+                 device, dtype, shard=(0, 1)):
+        rank, world_size = shard
+        if not 0 <= rank < world_size or sampler.batch_size % world_size:
+            raise ValueError(f"shard {shard}: need 0 <= rank < world_size dividing the batch size "
+                             f"{sampler.batch_size}")
         self.sampler = sampler
         self.seed = seed
         self.epoch = 0
-        self.impl = _make(kind, images, self.plan, True, sampler.batch_size, normalization, resize, resize_size,
+        per_rank = sampler.batch_size // world_size
+        self.part = slice(rank * per_rank, (rank + 1) * per_rank)
+        self.impl = _make(kind, images, self.plan, True, per_rank, normalization, resize, resize_size,
                           crop_size, num_threads, device, dtype, seed)
 
     def set_epoch(self, epoch: int) -> None:
@@ -51,7 +59,7 @@ class TrainLoader:
 
     def plan(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """This epoch's batches: (indices [B] int64, augment_draws [B, K] float64) per step."""
-        return [(np.asarray(batch, np.int64), augment_draws(self.seed, self.epoch, step, len(batch)))
+        return [(np.asarray(batch, np.int64)[self.part], augment_draws(self.seed, self.epoch, step, len(batch))[self.part])
                 for step, batch in enumerate(self.sampler)]
 
     def __iter__(self):
@@ -63,7 +71,8 @@ class TrainLoader:
 
 def build_train_loader(kind: str, images, sampler, normalization: Normalization, resize: str,
                        resize_size: int = 256, crop_size: int = 224, seed: int = 0, num_threads: int = 2,
-                       device: str = "cpu", dtype: torch.dtype = torch.float32) -> TrainLoader:
+                       device: str = "cpu", dtype: torch.dtype = torch.float32,
+                       shard: tuple[int, int] = (0, 1)) -> TrainLoader:
     """Train loader over ``images`` (a fastiaa.data.ImageSet) in the order of ``sampler``.
 
     Transform (spec §2): decode -> RGB (BGR for BN-Inception) -> resize ("square": resize_size²,
@@ -72,11 +81,12 @@ def build_train_loader(kind: str, images, sampler, normalization: Normalization,
     kind: "torchvision" (PIL + DataLoader with ``num_threads`` workers, none if <= 1) or "dali"
     (DALI pipeline with ``num_threads`` CPU threads; GPU decode when ``device`` is CUDA).
     dtype: float32, float16 (DALI writes fp16 directly) or bfloat16 (converted after the pipeline).
+    shard: (rank, world_size) for DistributedDataParallel: this rank's share of every global batch.
     Raises ValueError for a bad kind/geometry/dtype, ImportError for kind "dali" without DALI, and
     OSError naming the file when an image cannot be read or decoded (during iteration).
     """
     return TrainLoader(kind, images, sampler, normalization, resize, resize_size, crop_size, seed, num_threads,
-                       device, dtype)
+                       device, dtype, shard)
 
 
 def build_eval_loader(kind: str, images, batch_size: int, normalization: Normalization, resize: str,

@@ -70,7 +70,9 @@ class ReferenceLoader:
         self.loader = torch.utils.data.DataLoader(
             _Images(images.paths, resize, resize_size, crop_size, normalization.bgr), batch_sampler=_Batches(plan),
             num_workers=workers, collate_fn=_collate, pin_memory=self.device.type == "cuda",
-            persistent_workers=workers > 0, prefetch_factor=2 if workers else None)
+            persistent_workers=workers > 0, prefetch_factor=2 if workers else None,
+            # workers never fork a process that already runs DALI / OpenMP threads (a fork can deadlock)
+            multiprocessing_context="forkserver" if workers else None)
 
     def __iter__(self):
         for pixels, indices in self.loader:

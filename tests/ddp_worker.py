@@ -27,7 +27,9 @@ def main(root: str, out: str, mode: str) -> None:
     loss = trainer.train_epoch(1)["loss"]
     if trainer.world.is_main:
         torch.save({"metrics": metrics, "statistics": trainer.stats.state_dict(), "loss": loss,
-                    "model": trainer.model.state_dict()}, f"{out}/{mode}.pt")
+                    "model": trainer.model.state_dict(),
+                    "grad": {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}},
+                   f"{out}/{mode}.pt")
 
 
 if __name__ == "__main__":

@@ -33,15 +33,24 @@ def runs(kanji_root, tmp_path_factory):
 def test_training_step_matches_single_process(runs):
     single, ddp = runs
     assert ddp["loss"] == pytest.approx(single["loss"], rel=1e-5)
-    for name, value in single["model"].items():
-        torch.testing.assert_close(ddp["model"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert ddp["grad"].keys() == single["grad"].keys()
+    for name, grad in single["grad"].items():  # gradients of the global batch: summation order only
+        assert (ddp["grad"][name] - grad).norm() <= 1e-5 * grad.norm() + 1e-12, name
+        # Adam's first step moves a parameter by lr * g / (|g| + eps): where |g| is within a few
+        # hundred eps, rounding of g at the 1e-6 level shows; elsewhere the parameters agree to 1e-6.
+        steady = grad.abs() > 1e-5
+        torch.testing.assert_close(ddp["model"][name][steady], single["model"][name][steady], rtol=1e-5, atol=1e-6)
 
 
 def test_refreshed_statistics_match_single_process(runs):
     single, ddp = runs
+    # the ranks embed with other batch boundaries: float32 rounding of the embeddings only
     for name, value in single["statistics"].items():
         if isinstance(value, torch.Tensor):
-            torch.testing.assert_close(ddp["statistics"][name].float(), value.float(), rtol=1e-5, atol=1e-6)
+            diff = (ddp["statistics"][name].double() - value.double()).norm()
+            assert diff <= 1e-5 * value.double().norm(), (name, float(diff))
+        else:
+            assert ddp["statistics"][name] == value, name
 
 
 def test_evaluation_matches_single_process(runs):
