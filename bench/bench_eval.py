@@ -77,34 +77,11 @@ def fastiaa_faiss(x, labels, device="cpu"):
 
 
 def authors(x, labels):
-    """The official evaluation as spec §8 describes it (re-implemented, not copied)."""
+    """The official evaluation as spec §8 describes it (bench/baseline_loop.py, re-implemented)."""
     import torch
-    import torch.nn.functional as F
+    from baseline_loop import authors_retrieval
 
-    x = F.normalize(torch.from_numpy(x), dim=1)
-    y = torch.from_numpy(labels)
-    count = torch.bincount(y)
-    k = 1 + max(int(count.max()), max(KS))
-    neighbours = []
-    for start in range(0, len(x), 10000):
-        sim = x[start : start + 10000] @ x.T
-        stop = start + len(sim)
-        sim[torch.arange(len(sim)), torch.arange(start, stop)] = 1e5  # the query itself comes first
-        neighbours.append(sim.topk(k, dim=1).indices[:, 1:])
-    match = y[torch.cat(neighbours)] == y[:, None]
-    out = {f"recall@{kk}": float(match[:, :kk].any(1).float().mean()) for kk in KS}
-    ap = rp = 0.0
-    for i in range(len(x)):
-        r = int(count[y[i]]) - 1
-        hits = match[i, :r].float()
-        rp += float(hits.sum() / r)
-        found = 0
-        for j in range(r):
-            if hits[j]:
-                found += 1
-                ap += found / (j + 1) / r
-    out.update({"map@r": ap / len(x), "r_precision": rp / len(x), "num_queries": len(x)})
-    return out
+    return authors_retrieval(torch.from_numpy(x), torch.from_numpy(labels), KS)
 
 
 def floor_faiss(x, labels):
