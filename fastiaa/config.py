@@ -115,8 +115,8 @@ PRESETS: dict[str, dict] = {
     # whole run fits in minutes on 2 CPU cores; the schedule is the official one, compressed.
     "kanji": dict(dataset="kanji", data="data/kanji", backbone="efficientnet_lite0", loss="ms",
                   image_size=96, resize_size=112, batch=96, eval_batch=256,
-                  num_image_per_class=3, lr=1e-4, head_lr_mult=10.0, epochs=8,
-                  lr_decay_epochs=(6,), iter_per_epoch=40, intra_lamda=0.6, aug_num=3,
+                  num_image_per_class=3, lr=1e-4, head_lr_mult=10.0, epochs=6,
+                  lr_decay_epochs=(5,), iter_per_epoch=40, intra_lamda=0.6, aug_num=3,
                   start_epoch=2, update_every_M_epoch=2, amp="auto"),
 }
 
