@@ -20,6 +20,9 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide results from the group
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -47,8 +50,11 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}; drop --resume to start a new run there")
-    return torch.load(path, map_location=map_location, weights_only=False)
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:  # pickle / zip errors say nothing useful on their own
+        raise ValueError(f"{path} is not a checkpoint written by fastiaa (unreadable: {error!r})") from error
 
 
 def rng_state() -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from fastiaa.config import LOSS_ALIASES, PRESETS, TrainConfig, preset_overrides
@@ -32,6 +33,31 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected 0 or 1, got {text!r}")
 
 
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _choice(*names):
+    def parse(text: str) -> str:
+        if text not in names:
+            raise argparse.ArgumentTypeError(f"choose one of {', '.join(names)} (got {text!r})")
+        return text
+    return parse
+
+
 def _loss(text: str) -> str:
     if text.lower() not in LOSS_ALIASES:
         raise argparse.ArgumentTypeError(f"unknown loss {text!r}; choose MS, Contrastive or Triplet")
@@ -40,38 +66,38 @@ def _loss(text: str) -> str:
 
 # (config field, type, help); nargs="+" for tuple fields. Defaults come from TrainConfig.
 TRAIN_FLAGS = [
-    ("dataset", str, f"one of {', '.join(DATASET_NAMES)}"),
+    ("dataset", _choice(*DATASET_NAMES), f"one of {', '.join(DATASET_NAMES)}"),
     ("data", str, "dataset root in its official layout (default ./MyDataset; kanji: data/kanji)"),
-    ("backbone", str, f"one of {', '.join(BACKBONES)}"),
+    ("backbone", _choice(*BACKBONES), f"one of {', '.join(BACKBONES)}"),
     ("pretrained", _bool, "1: ImageNet weights from --weight_path; 0: from scratch"),
     ("weight_path", str, "ImageNet checkpoint file or folder (standard file names; default: torch hub cache)"),
-    ("embedding-size", int, "embedding dimension D"),
-    ("image-size", int, "crop size fed to the model"),
-    ("resize-size", int, "resize before cropping"),
-    ("loader", str, "torchvision | dali"),
-    ("workers", int, "data-loading threads / processes"),
+    ("embedding-size", _positive(int), "embedding dimension D"),
+    ("image-size", _positive(int), "crop size fed to the model"),
+    ("resize-size", _positive(int), "resize before cropping"),
+    ("loader", _choice("torchvision", "dali"), "torchvision | dali"),
+    ("workers", _non_negative_int, "data-loading threads / processes"),
     ("loss", _loss, "MS | Contrastive | Triplet"),
-    ("lr", float, "learning rate of the backbone"),
-    ("head-lr-mult", float, "embedding layer lr multiplier (paper: 10)"),
+    ("lr", _positive(float), "learning rate of the backbone"),
+    ("head-lr-mult", _positive(float), "embedding layer lr multiplier (paper: 10)"),
     ("weight_decay", float, "Adam weight decay"),
-    ("epochs", int, "number of epochs"),
+    ("epochs", _positive(int), "number of epochs"),
     ("lr-decay-epochs", int, "epochs at which the lr is multiplied by --lr-decay-gamma"),
     ("lr-decay-gamma", float, "lr decay factor"),
-    ("batch", int, "global batch size B"),
-    ("eval_batch", int, "batch size of embedding passes"),
-    ("num_image_per_class", int, "images per class m in a batch"),
-    ("iter-per-epoch", int, "iterations per epoch (capped at len(train) // batch)"),
+    ("batch", _positive(int), "global batch size B"),
+    ("eval_batch", _positive(int), "batch size of embedding passes"),
+    ("num_image_per_class", _positive(int), "images per class m in a batch"),
+    ("iter-per-epoch", _positive(int), "iterations per epoch (capped at len(train) // batch)"),
     ("intra", _bool, "1: IAA synthesis on; 0: the plain loss"),
     ("intra_lamda", float, "lambda of Eq. 17"),
-    ("aug_num", int, "synthetic samples per embedding (M)"),
+    ("aug_num", _positive(int), "synthetic samples per embedding (M)"),
     ("start_epoch", int, "first statistics refresh after this epoch"),
     ("warmup_epoch", int, "epochs between the first refresh and synthesis"),
-    ("update_every_M_epoch", int, "refresh period in epochs"),
+    ("update_every_M_epoch", _positive(int), "refresh period in epochs"),
     ("momentum", float, "estimator momentum (spec §3)"),
     ("diag", _bool, "1: diagonal covariance; 0: full covariance"),
-    ("full-covariance", str, "with --diag 0: dense | lowrank | auto (low-rank when dense [C,D,D] > 2 GiB)"),
-    ("correction", str, "neighbour correction: auto (train classes > 1000) | on | off"),
-    ("num_neighbor", int, "K neighbour classes (Eq. 11)"),
+    ("full-covariance", _choice("auto", "dense", "lowrank"), "with --diag 0: dense | lowrank | auto (low-rank when dense [C,D,D] > 2 GiB)"),
+    ("correction", _choice("auto", "on", "off"), "neighbour correction: auto (train classes > 1000) | on | off"),
+    ("num_neighbor", _positive(int), "K neighbour classes (Eq. 11)"),
     ("beta", float, "beta of the alpha_k rule (Eq. 15)"),
     ("gamma", float, "share of the global covariance (Eq. 16)"),
     ("tau", float, "classes with n >= tau are not corrected"),
@@ -79,13 +105,13 @@ TRAIN_FLAGS = [
     ("official-repeated-sqrt", _bool, "official quirk: sample m uses Sigma^(1/2^m)"),
     ("official-zero-mean-singletons", _bool, "official quirk: single-sample classes keep a zero mean"),
     ("official-sentinel-normalization", _bool, "official quirk: min-max over rows holding the 1e12 sentinel"),
-    ("recall", int, "Recall@K values (default: the dataset's standard K)"),
+    ("recall", _positive(int), "Recall@K values (default: the dataset's standard K)"),
     ("map", _bool, "1: compute MAP@R and R-Precision"),
-    ("eval-every", int, "evaluate every N epochs (0: never)"),
+    ("eval-every", _non_negative_int, "evaluate every N epochs (0: never)"),
     ("device", str, "auto | cpu | cuda | cuda:N"),
-    ("amp", str, "auto | off | bf16 | fp16 (torch.autocast)"),
+    ("amp", _choice("auto", "off", "bf16", "fp16"), "auto | off | bf16 | fp16 (torch.autocast)"),
     ("channels-last", _bool, "channels-last memory format"),
-    ("kernels", str, "auto | triton | torch"),
+    ("kernels", _choice("auto", "triton", "torch"), "auto | triton | torch"),
     ("seed", int, "random seed"),
     ("save-dir", str, "folder of run directories"),
     ("name", str, "run directory name (default derived from the settings)"),
@@ -94,8 +120,9 @@ TUPLE_FIELDS = {"lr_decay_epochs", "recall"}
 
 
 def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train an embedding with IAA", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("train", help="train an embedding with IAA", description=(
+        "Train an embedding with IAA. Takes the flags of the authors' run.py (both - and _ spellings); "
+        "--preset DATASET applies the settings of their published command for that dataset first."))
     p.add_argument("--preset", choices=sorted(PRESETS), help="apply the authors' settings for this dataset first")
     for name, kind, text in TRAIN_FLAGS:
         dest = name.replace("-", "_")
@@ -125,6 +152,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise SystemExit(f"--dataset {dataset!r}: choose one of {', '.join(DATASET_NAMES)}")
     if "data" not in values:
         values["data"] = "data/kanji" if dataset == "kanji" else "MyDataset"
+    values["data"] = os.path.abspath(values["data"])  # a checkpoint's config works from any folder
     return TrainConfig(**values)
 
 
@@ -193,9 +221,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; errors about the user's input print as one line (exit 2), not a traceback."""
+    from fastiaa.data import DatasetError
+
     args = build_parser().parse_args(argv)
     handler = {"train": _cmd_train, "eval": _cmd_eval, "data": _cmd_data}[args.command]
-    return handler(args)
+    try:
+        return handler(args)
+    except (DatasetError, FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"fastiaa {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fastiaa {args.command}: interrupted (a training run continues with --resume)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ from fastiaa.models import create_model
 from fastiaa.pipelines import NORMALIZATIONS, build_eval_loader, build_train_loader
 
 LOSSES = {"ms": MultiSimilarityLoss, "contrastive": ContrastiveLoss, "triplet": TripletLoss}
+# settings a resumed run must share with its checkpoint (they fix the shapes of what it holds)
+SHAPE_FIELDS = ("dataset", "backbone", "embedding_size", "diag", "full_covariance", "loss")
 
 
 class NonFiniteError(FloatingPointError):
@@ -277,6 +279,11 @@ class Trainer:
 
     def resume(self) -> None:
         state = checkpoint.load(self.run_dir / "last.pt", map_location=self.device)
+        changed = [f"--{key.replace('_', '-')} {state['config'][key]} -> {getattr(self.cfg, key)}"
+                   for key in SHAPE_FIELDS if state["config"].get(key) != getattr(self.cfg, key)]
+        if changed:
+            raise ValueError(f"--resume: {self.run_dir / 'last.pt'} was trained with other settings "
+                             f"({'; '.join(changed)}); resume with the run's own settings or start a new --name")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -295,13 +302,18 @@ class Trainer:
     def run(self) -> dict:
         """Train ``epochs`` epochs (or what is left of them after ``--resume``); returns the best record."""
         cfg = self.cfg
-        if self.world.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            checkpoint.atomic_write_text(self.run_dir / "config.json", cfg.to_json())
         if cfg.resume and (self.run_dir / "last.pt").is_file():
             self.resume()
             self._say(f"resumed from {self.run_dir / 'last.pt'} at epoch {self.first_epoch}")
-        elif self.first_epoch == 1 and cfg.eval_every:
+        else:
+            if cfg.resume:
+                self._say(f"--resume: {self.run_dir} holds no last.pt yet; starting the run from epoch 1")
+            elif self.log.records or (self.run_dir / "last.pt").is_file():
+                raise FileExistsError(f"{self.run_dir} already holds a run; pass --resume to continue it, or "
+                                      "--name (or --save-dir) to start another one beside it")
+        if self.world.is_main:
+            checkpoint.atomic_write_text(self.run_dir / "config.json", cfg.to_json())
+        if self.first_epoch == 1 and cfg.eval_every:
             metrics = self.evaluate()  # the starting point: the (pretrained) model before training
             self._record({"epoch": 0, **metrics})
         for epoch in range(self.first_epoch, cfg.epochs + 1):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -22,7 +23,8 @@ def test_authors_command_maps_onto_config():
                 "--embedding-size", "256", "--num_image_per_class", "4", "--weight_path", "/w", "--gpu-id", "1")
     assert (cfg.dataset, cfg.backbone, cfg.loss_name, cfg.lr) == ("cub200", "googlenet", "contrastive", 3e-5)
     assert (cfg.intra_lamda, cfg.aug_num, cfg.lr_decay_epochs, cfg.diag) == (0.8, 3, (40, 60), False)
-    assert (cfg.embedding_size, cfg.weight_path, cfg.device, cfg.data) == (256, "/w", "cuda:1", "MyDataset")
+    assert (cfg.embedding_size, cfg.weight_path, cfg.device) == (256, "/w", "cuda:1")
+    assert cfg.data == os.path.abspath("MyDataset")  # stored absolute: the checkpoint works from anywhere
     # both spellings of a flag
     assert parse("--lr_decay_gamma", "0.5").lr_decay_gamma == parse("--lr-decay-gamma", "0.5").lr_decay_gamma == 0.5
 
@@ -34,13 +36,29 @@ def test_preset_applies_published_settings_before_flags():
     big = parse("--preset", "inshop", "--backbone", "resnet50")
     assert (big.batch, big.lr, big.intra_lamda) == (256, 1e-4, 0.5)
     assert parse("--preset", "cub200", "--loss", "contrastive").lr == 3e-5
-    assert parse().data == "data/kanji"
+    assert parse().data == os.path.abspath("data/kanji")
 
 
-def test_bad_loss_name_is_rejected(capsys):
+@pytest.mark.parametrize("argv, message", [
+    (("--loss", "arcface"), "choose MS, Contrastive or Triplet"),
+    (("--amp", "banana"), "choose one of auto, off, bf16, fp16"),
+    (("--correction", "maybe"), "choose one of auto, on, off"),
+    (("--batch", "0"), "must be > 0"),
+    (("--lr", "-1"), "must be > 0"),
+    (("--update_every_M_epoch", "0"), "must be > 0"),
+    (("--backbone", "vgg"), "choose one of googlenet"),
+])
+def test_bad_values_are_rejected_while_parsing(capsys, argv, message):
     with pytest.raises(SystemExit):
-        parse("--loss", "arcface")
-    assert "choose MS, Contrastive or Triplet" in capsys.readouterr().err
+        parse(*argv)
+    assert message in capsys.readouterr().err
+
+
+def test_input_errors_print_one_line_not_a_traceback(tmp_path, capsys):
+    code = cli.main(["train", "--dataset", "cub200", "--data", str(tmp_path / "missing"), "--pretrained", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("fastiaa train: error:") and "CUB_200_2011" in err
+    assert "Traceback" not in err
 
 
 def tiny_config(root, tmp_path, **kw) -> TrainConfig:
@@ -102,6 +120,18 @@ def test_tiny_run_writes_records_and_resumes_to_the_same_result(kanji_root, tmp_
     metrics = evaluate_checkpoint(run / "last.pt", device="cpu")
     assert metrics["recall@1"] == pytest.approx(recs[-1]["recall@1"])
     assert metrics["map@r"] == pytest.approx(recs[-1]["map@r"], abs=1e-6)
+
+
+def test_existing_run_is_never_overwritten_and_resume_checks_settings(kanji_root, tmp_path):
+    cfg = tiny_config(kanji_root, tmp_path, epochs=1, iter_per_epoch=1, intra=False)
+    Trainer(cfg).run()
+    before = (cfg.run_dir() / "metrics.jsonl").read_text()
+    with pytest.raises(FileExistsError, match="pass --resume to continue it"):
+        Trainer(cfg).run()
+    with pytest.raises(ValueError, match="--embedding-size 32 -> 64"):
+        Trainer(dataclasses.replace(cfg, resume=True, embedding_size=64)).run()
+    assert (cfg.run_dir() / "metrics.jsonl").read_text() == before
+    assert json.loads((cfg.run_dir() / "config.json").read_text())["embedding_size"] == 32
 
 
 def test_non_finite_loss_stops_with_epoch_and_step(kanji_root, tmp_path):
