@@ -48,6 +48,7 @@ bench: $(STAMP) $(KANJI)
 	$(BIN)/python bench/bench_synthesis.py
 	$(BIN)/python bench/bench_pipeline.py
 	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_ddp.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
