@@ -33,7 +33,7 @@ TRAIN_ARGS = train --preset $(DATASET) --data $(DATA) $(if $(WEIGHTS),--weight_p
 train: $(STAMP) $(if $(filter kanji,$(DATASET)),$(KANJI))
 	$(LAUNCH) $(TRAIN_ARGS)
 
-# The authors' published settings for one paper dataset (spec §7), the whole 100-epoch run; it ends
+# The authors' published settings for one paper dataset (docs/method.md §7), the whole 100-epoch run; it ends
 # with the run's best Recall@K / MAP@R / R-Precision next to the paper's (paper_comparison.md).
 reproduce: $(STAMP)
 	$(if $(filter $(DATASET),cub200 cars196 stanford inshop),,$(error make reproduce needs DATASET=cub200, cars196, stanford or inshop (got '$(DATASET)'); the kanji demo is `make train`))
@@ -43,12 +43,12 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP) $(KANJI)
-	$(BIN)/python bench/bench_eval.py
-	$(BIN)/python bench/bench_estimator.py
-	$(BIN)/python bench/bench_synthesis.py
-	$(BIN)/python bench/bench_pipeline.py
-	$(BIN)/python bench/bench_train.py
-	$(BIN)/python bench/bench_ddp.py
+	$(BIN)/python -m bench.bench_eval
+	$(BIN)/python -m bench.bench_estimator
+	$(BIN)/python -m bench.bench_synthesis
+	$(BIN)/python -m bench.bench_pipeline
+	$(BIN)/python -m bench.bench_train
+	$(BIN)/python -m bench.bench_ddp
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,14 +1,15 @@
 """DistributedDataParallel scaling (issue 7): training steps/s with 1 and N processes.
 
-Each configuration is a real ``torchrun --standalone --nproc-per-node N`` launch of this file
-in worker mode: every rank builds ``fastiaa.train.Trainer`` on the kanji demo data (global
-batch B split across the ranks, MS + IAA with class statistics folded from random embeddings,
-as bench_train.py does), runs one warm-up epoch, then times one epoch of ``--steps`` steps.
+Each configuration is a real ``torchrun --standalone --nproc-per-node N -m bench.bench_ddp
+--worker ...`` launch of this module, from the repository root: every rank builds
+``fastiaa.train.Trainer`` on the kanji demo data (global batch B split across the ranks, MS + IAA
+with class statistics folded from random embeddings, bench.synthetic.random_statistics, as
+bench_train does), runs one warm-up epoch, then times one epoch of ``--steps`` steps.
 The CPU cores are divided evenly between the ranks (OMP_NUM_THREADS). On CUDA each rank drives
 one GPU (NCCL); GPU numbers are printed only when measured.
 
-Usage: python bench/bench_ddp.py [--data data/kanji] [--nproc 1 2] [--steps 6] [--batch 48]
-       [--image-size 64] [--device cpu|cuda]
+Usage: python -m bench.bench_ddp [--data data/kanji] [--nproc 1 2] [--steps 6] [--batch 48]
+       [--image-size 64] [--device cpu|cuda]   (from the repository root)
 """
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_train import random_statistics  # noqa: E402
+from bench.synthetic import random_statistics
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def worker(args) -> None:
@@ -30,10 +32,11 @@ def worker(args) -> None:
     from fastiaa.config import TrainConfig
     from fastiaa.train import Trainer
 
-    cfg = TrainConfig(dataset="kanji", data=args.data, backbone="efficientnet_lite0", image_size=args.image_size,
-                      resize_size=args.image_size + args.image_size // 8, batch=args.batch, num_image_per_class=3,
-                      iter_per_epoch=args.steps, epochs=2, start_epoch=0, eval_every=0, workers=1,
-                      device=args.device, save_dir=args.out, name=f"ddp{args.nproc_label}")
+    cfg = TrainConfig.build(dataset="kanji", data=args.data, backbone="efficientnet_lite0",
+                            image_size=args.image_size, resize_size=args.image_size + args.image_size // 8,
+                            batch=args.batch, num_image_per_class=3, iter_per_epoch=args.steps, epochs=2,
+                            start_epoch=0, eval_every=0, workers=1, device=args.device, save_dir=args.out,
+                            name=f"ddp{args.nproc_label}")
     trainer = Trainer(cfg)
     random_statistics(trainer)
     trainer.train_epoch(1)  # warm-up: loader workers, allocator, first-touch
@@ -66,17 +69,19 @@ def main() -> None:
 
     import tempfile
 
-    out = args.out or tempfile.mkdtemp(prefix="bench_ddp_")
+    out = os.path.abspath(args.out or tempfile.mkdtemp(prefix="bench_ddp_"))
     torchrun = Path(sys.executable).with_name("torchrun")
     cores = os.cpu_count() or 1
     rows = []
     for nproc in args.nproc:
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // nproc)), "PYTHONWARNINGS": "ignore"}
-        command = [str(torchrun), "--standalone", f"--nproc-per-node={nproc}", os.path.abspath(__file__), "--worker",
+        if getattr(sys.flags, "safe_path", False):   # run with -P: the workers find bench as this process did
+            env["PYTHONSAFEPATH"] = "1"
+        command = [str(torchrun), "--standalone", f"--nproc-per-node={nproc}", "-m", "bench.bench_ddp", "--worker",
                    "--data", os.path.abspath(args.data), "--steps", str(args.steps), "--batch", str(args.batch),
                    "--image-size", str(args.image_size), "--device", args.device, "--out", out,
                    "--nproc-label", str(nproc)]
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
         if done.returncode:
             sys.exit(f"{nproc} process(es) failed:\n{done.stderr[-3000:]}")
         rows.append(json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1]))

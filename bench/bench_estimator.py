@@ -1,22 +1,23 @@
 """Estimator benchmark (issue 4): class statistics refresh and neighbour correction, fastiaa
-against the authors' algorithm re-implemented from spec IAA.md §3-4 as they wrote it.
+against the authors' algorithm re-implemented from docs/method.md §3-4 as they wrote it.
 
 Data: two refreshes of class-centre + noise embeddings (the second drifted from the first);
 the first is folded untimed, the second is the timed refresh (so the momentum fold runs).
   Cars scale: 8,054 x 512, 98 classes of 59-97 images (mean 82.2).
-  SOP scale:  59,551 x 512, 11,318 classes of 2-12 images (mean 5.26; bench_eval.sop_like).
+  SOP scale:  59,551 x 512, 11,318 classes of 2-12 images (mean 5.26; bench.synthetic.sop_like).
 
 Methods, each in its own process (bench/common.py: wall time, peak RSS above its inputs):
-  authors dense     (Cars) the official small-dataset estimator: one-hot expansion of the
-                    embeddings to [N, C, D], sums over N, parallel-variance fold (diagonal)
-  authors loops     (SOP) the official large-dataset path: a Python loop over classes for
-                    the statistics; the two class-by-class distance matrices (torch.cdist),
-                    then a Python loop over classes for top-K, weights and weighted sums.
-                    That last loop costs ~15-30 ms per class here (3-6 minutes for all
-                    11,318): by default it runs on every 10th class and its time is scaled
-                    by 10 (the row is marked ~; --full-baseline runs all classes)
-  fastiaa           ClassStatistics("diag").update (+ .corrected() at SOP scale)
-  fastiaa full      ClassStatistics("full").update at Cars scale (dense [C, D, D])
+  authors dense     (Cars) bench.baselines.AuthorsDense, the official small-dataset estimator:
+                    one-hot expansion of the embeddings to [N, C, D], sums over N,
+                    parallel-variance fold (diagonal)
+  authors loops     (SOP) bench.baselines.AuthorsLoops, the official large-dataset path: a
+                    Python loop over classes for the statistics; the two class-by-class distance
+                    matrices (torch.cdist), then a Python loop over classes for top-K, weights
+                    and weighted sums. That last loop is slow at SOP scale (bench/RESULTS.md):
+                    by default it runs on every 10th class and its time is scaled by 10 (the row
+                    is marked ~; --full-baseline runs all classes)
+  fastiaa           DenseStatistics(covariance="diag").update (+ .corrected() at SOP scale)
+  fastiaa full      DenseStatistics(covariance="full").update at Cars scale (dense [C, D, D])
   fastiaa low-rank  LowRankStatistics(max_history=1).update + .corrected() at SOP scale:
                     full covariances in low-rank form (dense would be 12 GB) and the
                     sampling factor. Its covariance distances cost R² D for R kept rows
@@ -24,12 +25,13 @@ Methods, each in its own process (bench/common.py: wall time, peak RSS above its
   floor             the two C x C x D products behind the distance matrices, alone
 
 Both sides follow fastiaa's (paper) conventions so results can be compared: min-max over
-the candidate classes (spec §4 quirk (c) off). The authors' code also loops over classes
+the candidate classes (docs/method.md §4, official-code difference (c) off). The authors' code also loops over classes
 for the distances themselves (one row per class); that variant is timed on a sample of
 classes and extrapolated ("authors, row distances", marked ~).
 
-Usage: python bench/bench_estimator.py [--small] [--sections cars sop] [--threads N]
-                                       [--skip-lowrank] [--full-baseline]
+Usage: python -m bench.bench_estimator [--small] [--sections cars sop] [--threads N]
+                                       [--skip-lowrank] [--full-baseline] [--gpu-only]
+(from the repository root)
 Prints result differences (must be < 1e-5 relative) and Markdown tables. With CUDA present
 it also times the GPU paths (Triton vs PyTorch) in this process.
 """
@@ -37,137 +39,21 @@ it also times the GPU paths (Triton vs PyTorch) in this process.
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_eval import sop_like  # noqa: E402
-from common import measure_in_child  # noqa: E402
+from bench.baselines import BETA, GAMMA, MOMENTUM, NEIGHBORS, TAU, AuthorsDense, AuthorsLoops
+from bench.common import measure_in_child
+from bench.synthetic import cars_like, sop_like
+from fastiaa.iaa import DenseStatistics, LowRankStatistics
 
 CARS = dict(n=8054, classes=98, dim=512)
 SOP = dict(n=59551, classes=11318, dim=512)
 SMALL_CARS = dict(n=2000, classes=25, dim=512)
 SMALL_SOP = dict(n=5955, classes=1132, dim=512)
-MOMENTUM, NEIGHBORS, BETA, GAMMA, TAU = 0.2, 25, 0.1, 0.1, 40
-
-
-def cars_like(n: int, classes: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """[n, dim] float32 embeddings, [n] int64 labels; class sizes 59-97 (Cars-196 train) summing to n."""
-    rng = np.random.default_rng(seed)
-    sizes = np.full(classes, n // classes)
-    sizes[: n - int(sizes.sum())] += 1
-    for i in range(0, classes - 1, 2):  # spread the sizes pairwise, keeping the total and 59..97
-        move = int(rng.integers(0, max(0, min(sizes[i] - 59, 97 - sizes[i + 1])) + 1))
-        sizes[i] -= move
-        sizes[i + 1] += move
-    labels = rng.permutation(np.repeat(np.arange(classes), sizes))
-    centres = rng.standard_normal((classes, dim), dtype=np.float32)
-    x = centres[labels] + 1.1 * rng.standard_normal((n, dim), dtype=np.float32)
-    return x, labels.astype(np.int64)
-
-
-# ------------------------------------------------------------------ the authors' algorithm
-
-class AuthorsDense:
-    """Official small-dataset estimator (diagonal), one-hot expansion to [N, C, D]."""
-
-    def __init__(self, num_classes: int, dim: int):
-        import torch
-
-        self.ave = torch.zeros(num_classes, dim)
-        self.cov = torch.zeros(num_classes, dim)
-        self.amount = torch.zeros(num_classes)
-
-    def update(self, features, labels):
-        import torch
-
-        n, d = features.shape
-        c = self.ave.shape[0]
-        onehot = torch.zeros(n, c).scatter_(1, labels.view(-1, 1), 1)
-        onehot_ncd = onehot.view(n, c, 1).expand(n, c, d)
-        by_class = features.view(n, 1, d).expand(n, c, d).mul(onehot_ncd)
-        amount = onehot_ncd.sum(0)
-        amount[amount == 0] = 1
-        ave = by_class.sum(0) / amount
-        var = (by_class - ave.expand(n, c, d).mul(onehot_ncd)).pow(2).sum(0) / amount
-        n_new = onehot.sum(0).view(c, 1).expand(c, d)
-        w = n_new / (n_new + self.amount.view(c, 1).expand(c, d))
-        w[w != w] = 0
-        w = torch.where(n_new > 0, w.clamp_min(1 - MOMENTUM), w)
-        extra = w * (1 - w) * (self.ave - ave).pow(2)
-        self.cov = self.cov * (1 - w) + var * w + extra
-        self.ave = self.ave * (1 - w) + ave * w
-        self.amount += onehot.sum(0)
-
-
-class AuthorsLoops:
-    """Official large-dataset path: Python loops over classes (diagonal covariance)."""
-
-    def __init__(self, num_classes: int, dim: int):
-        import torch
-
-        self.ave = torch.zeros(num_classes, dim)
-        self.cov = torch.zeros(num_classes, dim)
-        self.amount = torch.zeros(num_classes)
-        self.size = torch.zeros(num_classes, dtype=torch.int64)
-
-    def update(self, features, labels):
-        for k in range(self.ave.shape[0]):
-            f = features[labels == k]
-            n = f.shape[0]
-            if n == 0:
-                continue
-            mu = f.mean(0)
-            var = (f - mu).pow(2).mean(0)
-            w = max(n / (n + float(self.amount[k])), 1 - MOMENTUM)
-            self.cov[k] = (1 - w) * self.cov[k] + w * var + w * (1 - w) * (self.ave[k] - mu).pow(2)
-            self.ave[k] = (1 - w) * self.ave[k] + w * mu
-            self.amount[k] += n
-            self.size[k] = n
-
-    def distances(self):
-        import torch
-
-        mean_sq = self.ave**2
-        return torch.cdist(mean_sq, mean_sq), torch.cdist(self.cov, self.cov)
-
-    def corrected(self, row_distances: bool = False, classes=None):
-        import torch
-
-        size = self.size.float()
-        cand = self.size > 1
-        glob = (size[cand, None] * self.cov[cand]).sum(0) / size[cand].sum()
-        mean_sq = self.ave**2
-        if not row_distances:
-            dist_m, dist_cv = self.distances()
-        out = self.cov.clone()
-        start = time.perf_counter()
-        for k in range(self.ave.shape[0]) if classes is None else classes:
-            n = int(self.size[k])
-            if not 1 <= n < TAU:
-                continue
-            alpha = 1 / (1 + math.log(1 + BETA * (n - 1)))
-            if row_distances:
-                row_m = (mean_sq - mean_sq[k]).norm(dim=1)
-                row_cv = (self.cov - self.cov[k]).norm(dim=1)
-            else:
-                row_m, row_cv = dist_m[k], dist_cv[k]
-            mask = cand.clone()
-            mask[k] = False
-            idx = row_m.masked_fill(~mask, 1e12).topk(NEIGHBORS, largest=False).indices
-            m_c, cv_c = row_m[mask], row_cv[mask]
-            dm = (row_m[idx] - m_c.min()) / (m_c.max() - m_c.min())
-            dcv = (row_cv[idx] - cv_c.min()) / (cv_c.max() - cv_c.min())
-            w = size[idx] * torch.exp(-dm**2 / 2 - dcv**2 / 2)
-            neighbor = (w[:, None] * self.cov[idx]).sum(0) / w.sum()
-            out[k] = (1 - alpha) * self.cov[k] + alpha * ((1 - GAMMA) * neighbor + GAMMA * glob)
-        self.loop_seconds = time.perf_counter() - start
-        return out
 
 
 # ------------------------------------------------------------------ loaders (untimed) and methods
@@ -185,23 +71,17 @@ def load(path: str, kind: str, threads: int | None = None):
     labels = torch.from_numpy(data["labels"])
     c, d = int(labels.max()) + 1, x0.shape[1]
     if kind == "floor":
-        from fastiaa.iaa import ClassStatistics
-
-        stats = ClassStatistics(c, d)
+        stats = DenseStatistics(c, d)
         stats.update(x1, labels)
-        return stats.mean**2, stats.covariance
+        return stats.mean**2, stats.covariance()
     if kind == "authors dense":
         est = AuthorsDense(c, d)
     elif kind == "authors loops":
         est = AuthorsLoops(c, d)
     elif kind == "fastiaa low-rank":
-        from fastiaa.iaa.lowrank import LowRankStatistics
-
         est = LowRankStatistics(c, d, momentum=MOMENTUM, max_history=1)
     else:
-        from fastiaa.iaa import ClassStatistics
-
-        est = ClassStatistics(c, d, covariance="full" if kind == "fastiaa full" else "diag", momentum=MOMENTUM)
+        est = DenseStatistics(c, d, covariance="full" if kind == "fastiaa full" else "diag", momentum=MOMENTUM)
     est.update(x0, labels)
     _release_free_heap()
     return est, x1, labels
@@ -221,15 +101,22 @@ def _release_free_heap() -> None:
         pass
 
 
+def _authors(est) -> bool:
+    return isinstance(est, (AuthorsDense, AuthorsLoops))
+
+
 def refresh(est, x, labels):
     est.update(x, labels)
-    return {"mean": est.ave if hasattr(est, "ave") else est.mean,
-            "cov": est.cov if hasattr(est, "cov") else est.covariance}
+    if _authors(est):
+        return {"mean": est.ave, "cov": est.cov}
+    return {"mean": est.mean, "cov": est.covariance()}
 
 
 def refresh_correct(est, x, labels):
     est.update(x, labels)
-    return {"mean": est.ave if hasattr(est, "ave") else est.mean, "cov": est.corrected()}
+    if _authors(est):
+        return {"mean": est.ave, "cov": est.corrected()}
+    return {"mean": est.mean, "cov": est.corrected(num_neighbors=NEIGHBORS, beta=BETA, gamma=GAMMA, tau=TAU)}
 
 
 SAMPLE_STEP = 10
@@ -376,8 +263,6 @@ def gpu_section(args):
     import torch
 
     from fastiaa import kernels
-    from fastiaa.iaa import ClassStatistics
-    from fastiaa.iaa.lowrank import LowRankStatistics
 
     dev = "cuda"
 
@@ -401,22 +286,21 @@ def gpu_section(args):
         c = int(labels.max()) + 1
         outs = {}
         for backend in ("torch", "triton"):
-            kernels.set_backend(backend)
             for full in ((False, True) if tag == "Cars" else (False,)):
-                sec, peak, out = timed(lambda: kernels.class_moments(x, labels, c, full))
+                sec, peak, out = timed(lambda: kernels.class_moments(x, labels, c, full, backend=backend))
                 outs[(backend, full)] = out
                 print(f"| class_moments {tag} {'full' if full else 'diag'} | {backend} | {sec:.5f} | {peak:.0f} |")
             if tag == "SOP":
                 def diag_refresh():
-                    stats = ClassStatistics(c, x.shape[1], device=dev)
-                    stats.update(x, labels)
+                    stats = DenseStatistics(c, x.shape[1], device=dev)
+                    stats.update(x, labels, backend=backend)
                     return stats.corrected()
                 sec, peak, _ = timed(diag_refresh, repeat=2)
                 print(f"| refresh + correction SOP diag | {backend} | {sec:.3f} | {peak:.0f} |")
                 if not args.skip_lowrank:
                     def lowrank_refresh():
                         stats = LowRankStatistics(c, x.shape[1], device=dev)
-                        stats.update(x, labels)
+                        stats.update(x, labels, backend=backend)
                         return stats.corrected()
                     sec, peak, _ = timed(lowrank_refresh, repeat=1)
                     print(f"| refresh + correction SOP low-rank full | {backend} | {sec:.3f} | {peak:.0f} |")
@@ -425,7 +309,6 @@ def gpu_section(args):
                 ref = outs[("torch", key[1])]
                 print(f"  {tag} {'full' if key[1] else 'diag'}: Triton vs torch relative difference "
                       f"mean {rel(outs[key][1], ref[1]):.1e}, m2 {rel(outs[key][2], ref[2]):.1e}")
-    kernels.set_backend("auto")
 
 
 def main() -> None:

@@ -2,22 +2,24 @@
 against the authors' algorithm and against the floor of any exact method.
 
 Data: 60,502 x 512 float32 embeddings in 11,316 classes of 2-12 images (mean 5.35, the
-Stanford Online Products test split's shape), class centre + noise, tuned so that
-Recall@1 is near a trained model's (~0.75). Metric set: Recall@1,10,100,1000, MAP@R, RP.
+Stanford Online Products test split's shape), class centre + noise (bench.synthetic.sop_like),
+tuned so that Recall@1 is near a trained model's (~0.75). Metric set: Recall@1,10,100,1000,
+MAP@R, RP.
 
 Methods, each in its own process (bench/common.py: wall time, peak RSS above the loaded
 embeddings):
   fastiaa            retrieval_metrics, default backend (torch blocks on CPU)
   fastiaa faiss      retrieval_metrics(backend="faiss")
-  authors            the official evaluation as spec §8 describes it (and as the authors' code
+  authors            the official evaluation as docs/method.md §8 describes it (and as the authors' code
                      is structured): chunks of 10,000 queries, the query's own similarity set
                      to a big number, torch top-k of 1 + max(class size, 1000), first column
                      dropped, then a Python loop per query (and per neighbour) for MAP@R, RP
   floor: faiss k=1   faiss IndexFlatIP exact search, k = 1: the similarity products alone
   torch GEMM only    the same products by torch (its BLAS), no selection: for reference
 
-Usage: python bench/bench_eval.py [--small] [--methods NAME ...] [--repeat N] [--device cuda]
-(--repeat: N rounds over the methods, each method's fastest round is kept, for a busy machine;
+Usage: python -m bench.bench_eval [--small] [--methods NAME ...] [--repeat N] [--device cuda]
+(from the repository root;
+--repeat: N rounds over the methods, each method's fastest round is kept, for a busy machine;
 --device moves the fastiaa methods only, the others stay on the CPU.)
 Prints the metric values of every method (they must agree) and a Markdown table.
 """
@@ -26,32 +28,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import measure_in_child  # noqa: E402
+from bench.baselines import authors_retrieval
+from bench.common import measure_in_child
+from bench.synthetic import sop_like
 
 KS = (1, 10, 100, 1000)
 SOP = dict(n=60502, classes=11316, dim=512)
 SMALL = dict(n=6050, classes=1132, dim=512)
-
-
-def sop_like(n: int, classes: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """[n, dim] float32 embeddings and [n] int64 labels; class sizes 2-12 summing to n."""
-    rng = np.random.default_rng(seed)
-    mean = n / classes
-    sizes = 2 + rng.binomial(10, (mean - 2) / 10, size=classes)
-    while (excess := int(sizes.sum()) - n) != 0:  # fix the total, keeping sizes in 2..12
-        room = np.nonzero(sizes > 2 if excess > 0 else sizes < 12)[0]
-        pick = rng.choice(room, size=min(abs(excess), len(room)), replace=False)
-        sizes[pick] -= np.sign(excess)
-    labels = rng.permutation(np.repeat(np.arange(classes), sizes))
-    centres = rng.standard_normal((classes, dim), dtype=np.float32)
-    x = centres[labels] + 2.2 * rng.standard_normal((n, dim), dtype=np.float32)
-    return x, labels.astype(np.int64)
 
 
 def load(path: str, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
@@ -77,9 +64,8 @@ def fastiaa_faiss(x, labels, device="cpu"):
 
 
 def authors(x, labels):
-    """The official evaluation as spec §8 describes it (bench/baseline_loop.py, re-implemented)."""
+    """The official evaluation as docs/method.md §8 describes it (bench.baselines.authors_retrieval)."""
     import torch
-    from baseline_loop import authors_retrieval
 
     return authors_retrieval(torch.from_numpy(x), torch.from_numpy(labels), KS)
 

@@ -2,24 +2,27 @@
 with the same number of CPU threads, on two kinds of JPEGs, in one run.
 
 Data:
-  kanji    the demo set's train split (data/kanji, or a small one built into a temp folder):
-           small 96 px glyph JPEGs, so per-image overheads dominate.
+  kanji    the demo set's train split (data/kanji, or a small one built into a temp folder;
+           bench.synthetic.kanji_root): small 96 px glyph JPEGs, so per-image overheads dominate.
   photos   500x500 JPEGs (quality 90, the size of SOP photos) cut from scikit-image's bundled
-           colour photographs (random crops, flips and colour scaling), so decoding is realistic.
+           colour photographs (random crops, flips and colour scaling; bench.synthetic.make_photos),
+           so decoding is realistic.
 
 Loaders, each in its own process (bench/common.py), built and run for one untimed warm-up epoch,
-then timed over one epoch (spec §2 train transform: resize 256x256, random resized crop 224, flip,
+then timed over one epoch (docs/method.md §2 train transform: resize 256x256, random resized crop 224, flip,
 ImageNet normalisation, float32 channels-last batches on the CPU). The loaders take turns for
 --rounds rounds and each reports its best round (other load on a shared machine only slows a
 run down), with the CPU time per image of all its processes (DataLoader workers included):
   dali          build_train_loader("dali"): DALI CPU pipeline, --threads threads
   torchvision   build_train_loader("torchvision"): PIL in --threads DataLoader workers
-  authors       the authors' style: torchvision Compose(Resize, RandomResizedCrop, RandomHorizontalFlip,
-                ToTensor, Normalize) per sample in --threads workers, default collate
+  authors       the authors' style (bench.baselines.AuthorsImages with the ImageNet 256/224 train
+                AuthorsTransform): torchvision Resize, RandomResizedCrop, RandomHorizontalFlip,
+                ToTensor, Normalize per sample in --threads workers, default collate
 
 With CUDA present, a GPU section times the DALI GPU pipeline (mixed decode, fp16 output) on photos.
 
-Usage: python bench/bench_pipeline.py [--threads 2] [--batch 64] [--iterations 8] [--rounds 3]
+Usage: python -m bench.bench_pipeline [--threads 2] [--batch 64] [--iterations 8] [--rounds 3]
+(from the repository root)
 Prints a Markdown table.
 """
 
@@ -27,78 +30,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
+from bench.baselines import AuthorsImages, AuthorsTransform
+from bench.common import measure_in_child
+from bench.synthetic import kanji_root, make_photos
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import measure_in_child  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-PHOTO_SIDE = 500
-PHOTO_CLASSES, PHOTOS_PER_CLASS = 64, 4
 KINDS = ("dali", "torchvision", "authors")
 LABELS = {"dali": "fastiaa DALI (CPU)", "torchvision": "fastiaa torchvision", "authors": "authors' loader"}
-
-
-def make_photos(out: Path) -> Path:
-    """PHOTO_CLASSES x PHOTOS_PER_CLASS 500x500 JPEGs in SOP layout under ``out``; returns ``out``."""
-    import skimage.data as sd
-    from PIL import Image
-
-    if (out / "Ebay_train.txt").is_file():
-        return out
-    bases = [sd.astronaut(), sd.chelsea(), sd.coffee(), sd.rocket(), sd.immunohistochemistry(),
-             sd.hubble_deep_field(), sd.retina()]
-    rng = np.random.default_rng(0)
-    lines = ["image_id class_id super_class_id path"]
-    for c in range(PHOTO_CLASSES):
-        for k in range(PHOTOS_PER_CLASS):
-            base = bases[(c * PHOTOS_PER_CLASS + k) % len(bases)]
-            h, w = base.shape[:2]
-            side = int(rng.integers(min(h, w) // 2, min(h, w) + 1))
-            top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-            patch = base[top:top + side, left:left + side].astype(np.float32) * rng.uniform(0.7, 1.1, 3)
-            patch = np.clip(patch, 0, 255).astype(np.uint8)[:, ::-1 if rng.random() < 0.5 else 1]
-            rel = f"images/{c:03d}/{k}.jpg"
-            (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(patch).resize((PHOTO_SIDE, PHOTO_SIDE), Image.BILINEAR).save(out / rel, quality=90)
-            lines.append(f"{len(lines)} {c + 1} 1 {rel}")
-    (out / "Ebay_test.txt").write_text("\n".join(lines[:1] + lines[1:PHOTOS_PER_CLASS + 1]) + "\n")
-    (out / "Ebay_train.txt").write_text("\n".join(lines) + "\n")
-    return out
-
-
-def kanji_root(tmp: Path) -> Path:
-    """The demo data of the repository, or a small build of it in ``tmp``."""
-    if (REPO / "data" / "kanji" / "Ebay_train.txt").is_file():
-        return REPO / "data" / "kanji"
-    from fastiaa.data import build_kanji
-
-    return build_kanji(tmp / "kanji", num_classes=400)
-
-
-class AuthorsImages:
-    """The authors' style of dataset: PIL + a torchvision Compose per sample (ToTensor, Normalize)."""
-
-    def __init__(self, images):
-        import torchvision.transforms as T
-
-        self.images = images
-        self.transform = T.Compose([
-            T.Resize((256, 256)), T.RandomResizedCrop(224, scale=(0.16, 1), ratio=(0.75, 1.33)),
-            T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))])
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        from PIL import Image
-
-        with Image.open(self.images.paths[i]) as im:
-            return self.transform(im.convert("RGB")), int(self.images.labels[i])
 
 
 def load(kind: str, root: str, threads: int, batch: int, iterations: int, device: str):
@@ -113,8 +53,9 @@ def load(kind: str, root: str, threads: int, batch: int, iterations: int, device
         Path(path).read_bytes()
     sampler = BalancedBatchSampler(images.labels, batch, 4, iterations, seed=0)
     if kind == "authors":
-        loader = torch.utils.data.DataLoader(AuthorsImages(images), batch_sampler=sampler, num_workers=threads,
-                                             persistent_workers=threads > 0)
+        transform = AuthorsTransform(NORMALIZATIONS["imagenet"], True, resize_size=256, crop_size=224)
+        loader = torch.utils.data.DataLoader(AuthorsImages(images, transform), batch_sampler=sampler,
+                                             num_workers=threads, persistent_workers=threads > 0)
     else:
         dtype = torch.float16 if device == "cuda" else torch.float32
         loader = build_train_loader(kind, images, sampler, NORMALIZATIONS["imagenet"], "square",

@@ -1,15 +1,15 @@
 """End-to-end training benchmark (issue 6): images/s of fastiaa's real trainer against the
-authors' loop re-implemented from the spec (bench/baseline_loop.py), in the same run.
+authors' loop re-implemented from docs/method.md (bench.baselines.AuthorsTrainer), in the same run.
 
 fastiaa rows run ``fastiaa.train.Trainer`` through its public methods: a warm-up
 ``train_epoch`` (loader workers or DALI pipeline, allocator, kernel compilation), then a timed
 one: sampler -> pipeline -> model -> IAA synthesis -> loss -> optimiser step, with the loss read
 back every step as the trainer does. With IAA on, the class statistics are filled from random
-embeddings instead of a refresh (a step's cost does not depend on their values). Then, per
-backbone in ``--stage-backbones``, one statistics refresh over the train set
-(``Trainer.refresh``: embed + class moments + neighbour correction + sampling factor) and one
-evaluation (``Trainer.evaluate``: embed + Recall@K / MAP@R / RP), each timed after a warm-up
-pass, as images/s.
+embeddings instead of a refresh (bench.synthetic.random_statistics, ``Trainer.iaa.fold``; a
+step's cost does not depend on their values). Then, per backbone in ``--stage-backbones``, one
+statistics refresh over the train set (``Trainer.refresh``: embed + class moments + neighbour
+correction + sampling factor) and one evaluation (``Trainer.evaluate``: embed + Recall@K /
+MAP@R / RP), each timed after a warm-up pass, as images/s.
 
 Configurations per backbone: IAA on / off x "fast" on / off, where fast = AMP (bf16, or fp16
 on GPUs without bf16) + channels-last, and off = float32 channels-first; the authors' loop is
@@ -20,13 +20,15 @@ of the same backbone and IAA setting.
 Sizes:
   CPU (default when no GPU): GoogLeNet (--full: all three), batch 60 (20 classes x 3), 96 px
     crops of 112 px resizes, 3 timed steps; data: the first 48 train and 48 test classes of
-    the kanji demo (data/kanji, or a small build in a temp folder), 768 images each; the
-    authors' refresh and evaluation on the first 30 classes (480 images). About 2 minutes.
+    the kanji demo (data/kanji, or a small build in a temp folder; bench.synthetic.kanji_subset),
+    768 images each; the
+    authors' refresh and evaluation on the first 30 classes (480 images).
   CUDA: GoogLeNet (batch 180), BN-Inception and ResNet-50 (batch 256) at 224 px crops of 256 px
-    resizes, M = 3, 512-d (the authors' SOP settings, spec §7), 10 timed steps; data: Stanford
-    Online Products-shaped lists (59,551 train images in 11,318 classes, 60,502 test images in
-    11,316 classes, 2-12 per class) over a pool of 256 generated 500x500 JPEGs
-    (bench_pipeline.make_photos), so decoding costs what a SOP photo costs. fastiaa's refresh
+    resizes, M = 3, 512-d (the authors' SOP settings, docs/method.md §7), 10 timed steps; data: Stanford
+    Online Products-shaped lists (bench.synthetic.sop_shaped: 59,551 train images in 11,318
+    classes, 60,502 test images in 11,316 classes, 2-12 per class) over a pool of 256 generated
+    500x500 JPEGs
+    (bench.synthetic.make_photos), so decoding costs what a SOP photo costs. fastiaa's refresh
     and evaluation run over the whole sets; the authors' on the first classes holding
     --authors-images (6,000) images (their images/s barely depends on the count), and their
     correction loop on every n-th class with its time scaled by n (marked ~).
@@ -35,9 +37,9 @@ once spent, and --out is rewritten after every configuration.
 With CUDA, the full-size GoogLeNet rows also give a projected wall time of a 100-epoch SOP
 reproduction (``make reproduce DATASET=stanford``).
 
-Usage: python bench/bench_train.py [--device auto|cpu|cuda] [--full] [--backbones ...]
+Usage: python -m bench.bench_train [--device auto|cpu|cuda] [--full] [--backbones ...]
        [--steps N] [--batch B] [--image-size PX] [--loader torchvision|dali] [--budget-s S]
-       [--out FILE.md]
+       [--out FILE.md]   (from the repository root)
 Prints Markdown tables (and writes them to --out).
 """
 
@@ -58,67 +60,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from baseline_loop import AuthorsTrainer  # noqa: E402
-from bench_eval import sop_like  # noqa: E402
-from bench_pipeline import kanji_root, make_photos  # noqa: E402
-from common import use_all_cores  # noqa: E402
+from bench.baselines import AuthorsTrainer
+from bench.common import use_all_cores
+from bench.synthetic import SOP_TEST, SOP_TRAIN, kanji_subset, random_covariance, random_statistics, sop_shaped
 
 REPO = Path(__file__).resolve().parents[1]
 BACKBONES = ("googlenet", "bninception", "resnet50")
-SOP_TRAIN, SOP_TEST = (59551, 11318), (60502, 11316)   # (images, classes), spec §1
-RECALL_KS = (1, 10, 100, 1000)                          # SOP's K, spec §8
+RECALL_KS = (1, 10, 100, 1000)                          # SOP's K, docs/method.md §8
 KANJI_KS = (1, 2, 4, 8)
 KANJI_CLASSES = 48                                      # CPU: 768 train and 768 test images
-HEADER = "image_id class_id super_class_id path"
 
 
 # ------------------------------------------------------------------ data
-
-def _write_lists(out: Path, splits: dict[str, list[tuple[int, str]]], images_dir: Path) -> Path:
-    """SOP-format Ebay_train.txt / Ebay_test.txt under ``out`` from (class_id, relative path)
-    rows, with ``out/images`` linked to ``images_dir``; returns ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    link = out / "images"
-    if not link.exists():
-        link.symlink_to(images_dir.resolve(), target_is_directory=True)
-    for name, rows in splits.items():
-        lines = [HEADER] + [f"{i + 1} {c} 1 {p}" for i, (c, p) in enumerate(rows)]
-        (out / name).write_text("\n".join(lines) + "\n")
-    return out
-
-
-def _read_rows(path: Path) -> list[tuple[int, str]]:
-    rows = [line.split() for line in path.read_text().splitlines()[1:] if line.strip()]
-    return [(int(class_id), rel) for _, class_id, _, rel in rows]
-
-
-def kanji_subset(out: Path, classes: int) -> Path:
-    """The first ``classes`` train and test classes of the kanji demo as a SOP-format root."""
-    src = kanji_root(out / "build")
-    splits = {}
-    for name in ("Ebay_train.txt", "Ebay_test.txt"):
-        rows = _read_rows(src / name)
-        keep = sorted({c for c, _ in rows})[:classes]
-        splits[name] = [(c, p) for c, p in rows if c in set(keep)]
-    if any(not p.startswith("images/") for rows in splits.values() for _, p in rows):
-        raise ValueError(f"{src}: expected image paths under images/")
-    return _write_lists(out / "kanji_subset", splits, src / "images")
-
-
-def sop_shaped(out: Path) -> Path:
-    """SOP-shaped split lists (spec §1 sizes, classes of 2-12 images, rows grouped by class) over
-    the 256 generated 500x500 JPEGs of bench_pipeline.make_photos, reused cyclically."""
-    pool_root = make_photos(out / "photos")
-    pool = [p for _, p in _read_rows(pool_root / "Ebay_train.txt")]
-    splits, offset = {}, 0
-    for name, (n, classes), seed in (("Ebay_train.txt", SOP_TRAIN, 0), ("Ebay_test.txt", SOP_TEST, 1)):
-        _, labels = sop_like(n, classes, 1, seed=seed)
-        labels = np.sort(labels)
-        splits[name] = [(offset + int(c) + 1, pool[(offset + i) % len(pool)]) for i, c in enumerate(labels)]
-        offset += classes
-    return _write_lists(out / "sop_shaped", splits, pool_root / "images")
-
 
 def head_classes(images, max_images: int | None):
     """The ImageSet restricted to its first classes (label order) holding at most ``max_images``
@@ -170,7 +123,7 @@ def _dali_importable() -> bool:
 
 
 def train_config(scale: Scale, root: Path, backbone: str, intra: bool, fast: bool, workdir: str):
-    """TrainConfig of the authors' SOP command for ``backbone`` (spec §7) at ``scale``."""
+    """TrainConfig of the authors' SOP command for ``backbone`` (docs/method.md §7) at ``scale``."""
     from fastiaa.config import TrainConfig, preset_overrides
 
     values = preset_overrides("stanford", backbone)
@@ -181,7 +134,7 @@ def train_config(scale: Scale, root: Path, backbone: str, intra: bool, fast: boo
                   channels_last=fast, save_dir=workdir, name=f"{backbone}_{intra}_{fast}")
     if scale.batch:
         values["batch"] = scale.batch
-    return TrainConfig(**values)
+    return TrainConfig.build(**values)
 
 
 # ------------------------------------------------------------------ measurements
@@ -197,26 +150,17 @@ def _release() -> None:
         torch.cuda.empty_cache()
 
 
-def random_statistics(trainer) -> None:
-    """Fill the trainer's class statistics from random embeddings and set its sampling factor
-    (stands in for a refresh: a training step costs the same whatever the statistics hold)."""
-    labels = torch.from_numpy(np.array(trainer.dataset.train.labels)).to(trainer.device)
-    gen = torch.Generator(trainer.device).manual_seed(0)
-    z = torch.randn(len(labels), trainer.cfg.embedding_size, generator=gen, device=trainer.device)
-    trainer.fold_statistics(z, labels)
-
-
 def fastiaa_train(cfg) -> dict:
     """Images/s of one timed ``train_epoch`` after a warm-up epoch."""
     from fastiaa.train import Trainer
 
     trainer = Trainer(cfg)
-    if cfg.intra:
+    if cfg.iaa.intra:
         random_statistics(trainer)
     trainer.train_epoch(1)
     record = trainer.train_epoch(2)
-    _sync(cfg.device)
-    out = {"images_per_s": record["images_per_s"], "batch": cfg.batch, "amp": str(trainer.amp or "float32")}
+    _sync(cfg.runtime.device)
+    out = {"images_per_s": record["images_per_s"], "batch": cfg.optim.batch, "amp": str(trainer.amp or "float32")}
     del trainer
     _release()
     return out
@@ -232,10 +176,10 @@ def fastiaa_stages(cfg) -> dict:
     for stage, call, images in (("refresh", lambda: trainer.refresh(1), len(trainer.dataset.train)),
                                 ("evaluate", trainer.evaluate, len(trainer.dataset.test))):
         call()
-        _sync(cfg.device)
+        _sync(cfg.runtime.device)
         start = time.perf_counter()
         call()
-        _sync(cfg.device)
+        _sync(cfg.runtime.device)
         out[stage] = {"seconds": time.perf_counter() - start, "images": images, "extrapolated": False}
     del trainer
     _release()
@@ -243,39 +187,33 @@ def fastiaa_stages(cfg) -> dict:
 
 
 def authors_trainer(cfg, scale: Scale, intra: bool, stages: bool = False) -> AuthorsTrainer:
+    """The authors' loop with the settings of ``cfg`` (a TrainConfig) on the same data."""
     from fastiaa.data import load_dataset
 
-    dataset = load_dataset(cfg.dataset, cfg.data)
+    f = cfg.flat()
+    dataset = load_dataset(f["dataset"], f["data"])
     train, test = dataset.train, dataset.test
     if stages:
         train, test = head_classes(train, scale.authors_images), head_classes(test, scale.authors_images)
-    iterations = min(len(train) // cfg.batch, cfg.iter_per_epoch)
-    return AuthorsTrainer(cfg.backbone, train, test, batch=cfg.batch, images_per_class=cfg.num_image_per_class,
-                          iterations=iterations, resize_size=cfg.resize_size, crop_size=cfg.image_size,
-                          workers=cfg.workers, device=cfg.device, eval_batch=cfg.eval_batch, intra=intra,
-                          lam=cfg.intra_lamda, aug_num=cfg.aug_num, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                          embedding_size=cfg.embedding_size, seed=cfg.seed)
-
-
-def _random_covariance(trainer: AuthorsTrainer) -> None:
-    est = trainer.estimator
-    gen = torch.Generator(trainer.device).manual_seed(0)
-    labels = torch.from_numpy(np.array(trainer.train_set.labels)).to(trainer.device)
-    z = torch.randn(len(labels), est.ave.shape[1], generator=gen, device=trainer.device)
-    counts = torch.bincount(labels, minlength=est.ave.shape[0]).clamp_min(1)[:, None]
-    mean = torch.zeros_like(est.ave).index_add_(0, labels, z) / counts
-    trainer.covariance = torch.zeros_like(est.cov).index_add_(0, labels, (z - mean[labels]) ** 2) / counts
+    iterations = min(len(train) // f["batch"], f["iter_per_epoch"])
+    return AuthorsTrainer(f["backbone"], train, test, batch=f["batch"], images_per_class=f["num_image_per_class"],
+                          iterations=iterations, resize_size=f["resize_size"], crop_size=f["image_size"],
+                          workers=f["workers"], device=f["device"], eval_batch=f["eval_batch"], intra=intra,
+                          lam=f["intra_lamda"], aug_num=f["aug_num"], lr=f["lr"], weight_decay=f["weight_decay"],
+                          embedding_size=f["embedding_size"], seed=f["seed"])
 
 
 def authors_train(cfg, scale: Scale) -> dict:
-    trainer = authors_trainer(cfg, scale, cfg.intra)
-    if cfg.intra:
-        _random_covariance(trainer)
+    trainer = authors_trainer(cfg, scale, cfg.iaa.intra)
+    if cfg.iaa.intra:   # stands in for a refresh, as random_statistics does for fastiaa's rows
+        train = trainer.train_set
+        trainer.covariance = random_covariance(train.labels, train.num_classes, cfg.model.embedding_size,
+                                               trainer.device)
     trainer.train_epoch(1)
     record = trainer.train_epoch(2)
     del trainer
     _release()
-    return {"images_per_s": record["images_per_s"], "batch": cfg.batch, "amp": "float32"}
+    return {"images_per_s": record["images_per_s"], "batch": cfg.optim.batch, "amp": "float32"}
 
 
 def authors_stages(cfg, scale: Scale) -> dict:
@@ -326,18 +264,20 @@ def image_count(stage: dict | None) -> str:
 
 
 def projection(train_off: float, train_on: float, refresh: float, evaluate: float) -> str:
-    """Wall time of ``make reproduce DATASET=stanford`` from measured images/s (spec §2, §3, §7):
+    """Wall time of ``make reproduce DATASET=stanford`` from measured images/s (docs/method.md §2, §3, §7):
     100 epochs of min(59,551 // 180, 300) = 300 steps of 180 images, IAA from epoch 31 on, a
     refresh over the train set every 2nd epoch from 31 (35 refreshes), an evaluation before
     training and after every epoch (101)."""
     from fastiaa.config import PRESETS, TrainConfig
 
-    cfg = TrainConfig(**PRESETS["stanford"])
-    per_epoch = min(SOP_TRAIN[0] // cfg.batch, cfg.iter_per_epoch) * cfg.batch
-    epochs_on = cfg.epochs - cfg.start_epoch
-    refreshes = len(range(cfg.start_epoch + 1, cfg.epochs + 1, cfg.update_every_M_epoch))
-    seconds = {"train": per_epoch * (cfg.start_epoch / train_off + epochs_on / train_on),
-               "refresh": refreshes * SOP_TRAIN[0] / refresh, "evaluate": (cfg.epochs + 1) * SOP_TEST[0] / evaluate}
+    cfg = TrainConfig.build(**PRESETS["stanford"])
+    optim, iaa = cfg.optim, cfg.iaa
+    per_epoch = min(SOP_TRAIN[0] // optim.batch, optim.iter_per_epoch) * optim.batch
+    epochs_on = optim.epochs - iaa.start_epoch
+    refreshes = len(range(iaa.start_epoch + 1, optim.epochs + 1, iaa.update_every_M_epoch))
+    seconds = {"train": per_epoch * (iaa.start_epoch / train_off + epochs_on / train_on),
+               "refresh": refreshes * SOP_TRAIN[0] / refresh,
+               "evaluate": (optim.epochs + 1) * SOP_TEST[0] / evaluate}
     total = sum(seconds.values())
     parts = ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())
     return (f"Projected 100-epoch SOP reproduction (GoogLeNet MS + IAA, preset stanford), from the rows above: "
@@ -433,7 +373,7 @@ def report(results: dict, backbones, stage_backbones, scale: Scale, args) -> str
              f"{environment(scale.device)}. Data: {data}; {scale.crop} px crops of {scale.resize} px resizes, "
              f"M = 3, 512-d, m = 3 per class; {scale.steps} timed steps after {scale.steps} warm-up steps; "
              f"fastiaa loader {scale.loader}, {scale.workers} workers (the authors' DataLoader as many). "
-             f"Command: `python bench/bench_train.py {' '.join(sys.argv[1:])}`.", "",
+             f"Command: `python -m bench.bench_train {' '.join(sys.argv[1:])}`.", "",
              "| backbone | method | IAA | AMP + channels-last | batch | train images/s | x authors |",
              "|---|---|---|---|---|---|---|"]
     for backbone in backbones:

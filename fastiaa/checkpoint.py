@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastiaa.config import TrainConfig
+
 
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Call ``write(fileobj)`` on a temp file beside ``path``, fsync, then rename it to ``path``."""
@@ -55,6 +57,18 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as error:  # pickle / zip errors say nothing useful on their own
         raise ValueError(f"{path} is not a checkpoint written by fastiaa (unreadable: {error!r})") from error
+
+
+def config_of(state: dict) -> TrainConfig:
+    """The training configuration stored in a checkpoint written by ``fastiaa train``.
+
+    Raises:
+        ValueError: the checkpoint holds no fastiaa configuration (e.g. a plain ``state_dict``).
+    """
+    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        raise ValueError("not a checkpoint written by `fastiaa train` (no 'config' and 'model' entries); "
+                         "pass a best.pt or last.pt from a run directory")
+    return TrainConfig.from_dict(state["config"])
 
 
 def rng_state() -> dict:

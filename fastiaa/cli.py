@@ -3,20 +3,21 @@
 ``fastiaa train`` takes the flag names of the authors' ``run.py`` (both ``-`` and ``_``
 spellings), so their published commands run with ``python run.py`` replaced by
 ``fastiaa train``; ``--preset DATASET`` applies the settings of their published command for
-that dataset (spec §7) before the explicit flags.
+that dataset (docs/method.md §7) before the explicit flags. Every flag is a field of
+``fastiaa.config.TrainConfig`` of the same name; the choices come from the registries.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 
-from fastiaa.config import LOSS_ALIASES, PRESETS, TrainConfig, preset_overrides
+from fastiaa import registry
+from fastiaa.config import PRESETS, TUPLE_FIELDS, TrainConfig, preset_overrides
+from fastiaa.data import DATASETS
 
-DATASET_NAMES = ("cub200", "cars196", "stanford", "inshop", "kanji")
-BACKBONES = ("googlenet", "bninception", "resnet50", "efficientnet_lite0")
+COVARIANCES = ("diag", "full", "lowrank", "auto")
 
 
 def _flag(name: str) -> list[str]:
@@ -59,16 +60,17 @@ def _choice(*names):
 
 
 def _loss(text: str) -> str:
-    if text.lower() not in LOSS_ALIASES:
-        raise argparse.ArgumentTypeError(f"unknown loss {text!r}; choose MS, Contrastive or Triplet")
-    return LOSS_ALIASES[text.lower()]
+    try:
+        return registry.loss_name(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 # (config field, type, help); nargs="+" for tuple fields. Defaults come from TrainConfig.
 TRAIN_FLAGS = [
-    ("dataset", _choice(*DATASET_NAMES), f"one of {', '.join(DATASET_NAMES)}"),
+    ("dataset", _choice(*DATASETS), f"one of {', '.join(DATASETS)}"),
     ("data", str, "dataset root in its official layout (default ./MyDataset; kanji: data/kanji)"),
-    ("backbone", _choice(*BACKBONES), f"one of {', '.join(BACKBONES)}"),
+    ("backbone", _choice(*registry.BACKBONES), f"one of {', '.join(registry.BACKBONES)}"),
     ("pretrained", _bool, "1: ImageNet weights from --weight_path; 0: from scratch"),
     ("weight_path", str, "ImageNet checkpoint file or folder (standard file names; default: torch hub cache)"),
     ("embedding-size", _positive(int), "embedding dimension D"),
@@ -93,9 +95,9 @@ TRAIN_FLAGS = [
     ("start_epoch", int, "first statistics refresh after this epoch"),
     ("warmup_epoch", int, "epochs between the first refresh and synthesis"),
     ("update_every_M_epoch", _positive(int), "refresh period in epochs"),
-    ("momentum", float, "estimator momentum (spec §3)"),
-    ("diag", _bool, "1: diagonal covariance; 0: full covariance"),
-    ("full-covariance", _choice("auto", "dense", "lowrank"), "with --diag 0: dense | lowrank | auto (low-rank when dense [C,D,D] > 2 GiB)"),
+    ("momentum", float, "estimator momentum (docs/method.md §3)"),
+    ("covariance", _choice(*COVARIANCES),
+     "diag (the paper) | full (dense [C,D,D]) | lowrank (full, low-rank form) | auto (full: dense unless > 2 GiB)"),
     ("correction", _choice("auto", "on", "off"), "neighbour correction: auto (train classes > 1000) | on | off"),
     ("num_neighbor", _positive(int), "K neighbour classes (Eq. 11)"),
     ("beta", float, "beta of the alpha_k rule (Eq. 15)"),
@@ -112,11 +114,12 @@ TRAIN_FLAGS = [
     ("amp", _choice("auto", "off", "bf16", "fp16"), "auto | off | bf16 | fp16 (torch.autocast)"),
     ("channels-last", _bool, "channels-last memory format"),
     ("kernels", _choice("auto", "triton", "torch"), "auto | triton | torch"),
+    ("work-memory-mib", _positive(float), "memory budget of temporary blocks (class moments, correction, evaluation)"),
+    ("log-every", _positive(int), "steps between reads of the loss from the device (progress bar, NaN check)"),
     ("seed", int, "random seed"),
     ("save-dir", str, "folder of run directories"),
     ("name", str, "run directory name (default derived from the settings)"),
 ]
-TUPLE_FIELDS = {"lr_decay_epochs", "recall"}
 
 
 def _train_parser(sub) -> None:
@@ -128,6 +131,8 @@ def _train_parser(sub) -> None:
         dest = name.replace("-", "_")
         p.add_argument(*_flag(name), dest=dest, type=kind, default=None, help=text,
                        nargs="+" if dest in TUPLE_FIELDS else None)
+    p.add_argument("--diag", dest="diag", type=_bool, default=None,
+                   help="authors' flag: 1 = --covariance diag, 0 = --covariance auto")
     p.add_argument("--resume", action="store_true", help="continue the run in its directory from last.pt")
     p.add_argument("--gpu-id", dest="gpu_id", type=int, default=None, help="authors' flag: --device cuda:N")
     p.add_argument("--mode", choices=["train", "eval"], default="train", help="authors' flag (eval: see `fastiaa eval`)")
@@ -139,21 +144,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values: dict = {}
     if args.preset:
         values.update(preset_overrides(args.preset, args.backbone, args.loss))
-    explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                if getattr(args, f.name, None) is not None}
-    values.update(explicit)
-    for key in TUPLE_FIELDS & values.keys():
-        values[key] = tuple(values[key])
+    names = [name.replace("-", "_") for name, _, _ in TRAIN_FLAGS]
+    values.update({name: getattr(args, name) for name in names if getattr(args, name) is not None})
+    if args.diag is not None and args.covariance is None:
+        values["covariance"] = "diag" if args.diag else "auto"
     if args.gpu_id is not None:
         values["device"] = f"cuda:{args.gpu_id}"
     values["resume"] = args.resume
-    dataset = values.get("dataset", TrainConfig.dataset)
-    if dataset not in DATASET_NAMES:
-        raise SystemExit(f"--dataset {dataset!r}: choose one of {', '.join(DATASET_NAMES)}")
+    dataset = values.get("dataset", TrainConfig().data.dataset)
     if "data" not in values:
         values["data"] = "data/kanji" if dataset == "kanji" else "MyDataset"
     values["data"] = os.path.abspath(values["data"])  # a checkpoint's config works from any folder
-    return TrainConfig(**values)
+    return TrainConfig.build(**values)
 
 
 def _cmd_train(args) -> int:
@@ -215,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     kj.add_argument("--fonts", nargs="+", default=None, help="font names (default: the built-in 16)")
     kj.add_argument("--no-install", action="store_true", help="never apt-get install missing font packages")
     ck = dsub.add_parser("check", help="decode every image of a dataset and list unreadable files")
-    ck.add_argument("--dataset", required=True, choices=DATASET_NAMES)
+    ck.add_argument("--dataset", required=True, choices=DATASETS)
     ck.add_argument("--data", required=True)
     return parser
 
@@ -223,12 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; errors about the user's input print as one line (exit 2), not a traceback."""
     from fastiaa.data import DatasetError
+    from fastiaa.errors import NonFiniteError
 
     args = build_parser().parse_args(argv)
     handler = {"train": _cmd_train, "eval": _cmd_eval, "data": _cmd_data}[args.command]
     try:
         return handler(args)
-    except (DatasetError, FileNotFoundError, FileExistsError, ValueError) as error:
+    except (DatasetError, FileNotFoundError, FileExistsError, ValueError, NonFiniteError) as error:
         print(f"fastiaa {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,107 +1,180 @@
-"""Run configuration: one dataclass with the authors' defaults, plus per-dataset presets.
+"""Run configuration: :class:`TrainConfig` in groups (data, model, optimisation, IAA, evaluation,
+runtime) with the official code's defaults, and the settings of the authors' published commands.
 
-Defaults are the official code's (spec §7); ``PRESETS`` holds the settings of the authors'
-published commands, which ``make train DATASET=...`` and ``fastiaa train --preset`` apply.
+Field names are the authors' ``run.py`` flag names (``intra_lamda``, ``aug_num``, ...), unique across
+the groups, so a flat ``{name: value}`` mapping (a preset, the command line, a sweep) places every
+value in its group (:meth:`TrainConfig.build`, :meth:`TrainConfig.replace`). This module imports
+nothing heavy: the command line builds its parser from it without importing torch.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-LOSSES = ("ms", "contrastive", "triplet")
-# the authors spell losses "MS" and "Contrastive"
-LOSS_ALIASES = {"ms": "ms", "multisimilarity": "ms", "contrastive": "contrastive", "triplet": "triplet"}
+from fastiaa import registry
 
 
-@dataclass
-class TrainConfig:
-    """Everything a training run needs; saved as ``config.json`` in the run directory."""
-
-    # data and model
+@dataclass(frozen=True)
+class DataConfig:
     dataset: str = "kanji"
     data: str = "data/kanji"
+    loader: str = "torchvision"      # torchvision | dali
+    workers: int = 2                 # loader threads / processes
+    image_size: int = 224            # crop fed to the model (docs/method.md §2)
+    resize_size: int = 256           # resize before the crop
+
+
+@dataclass(frozen=True)
+class ModelConfig:
     backbone: str = "bninception"
     pretrained: bool = True
-    weight_path: str | None = None   # None: torch hub cache (~/.cache/torch/hub/checkpoints)
+    weight_path: str | None = None   # None: torch's hub cache (~/.cache/torch/hub/checkpoints)
     embedding_size: int = 512
-    image_size: int = 224            # crop size fed to the model (spec §2: 224)
-    resize_size: int = 256           # resize before the crop (spec §2: 256)
-    loader: str = "torchvision"      # torchvision | dali
-    workers: int = 2
-    # optimisation (spec §7, official defaults)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
     loss: str = "ms"
     lr: float = 5e-5
-    head_lr_mult: float = 1.0        # paper: the embedding layer's lr x10
+    head_lr_mult: float = 1.0        # the paper: the embedding layer's lr x10
     weight_decay: float = 1e-5
     epochs: int = 100
     lr_decay_epochs: tuple[int, ...] = (40, 60, 80)
     lr_decay_gamma: float = 0.2
     batch: int = 128
-    eval_batch: int = 128
     num_image_per_class: int = 4
-    iter_per_epoch: int = 300        # capped at len(train) // batch (spec §2)
-    # IAA (spec §3-5)
-    intra: bool = True
-    intra_lamda: float = 0.8
-    aug_num: int = 3
-    start_epoch: int = 30
-    warmup_epoch: int = 0
-    update_every_M_epoch: int = 2
+    iter_per_epoch: int = 300        # capped at len(train) // batch
+
+    @property
+    def loss_name(self) -> str:
+        """The registry name of :attr:`loss` (the authors write "MS", "Contrastive")."""
+        return registry.loss_name(self.loss)
+
+
+@dataclass(frozen=True)
+class IAAConfig:
+    """The method's settings (docs/method.md §3-5); :class:`fastiaa.IAA` takes them."""
+
+    intra: bool = True               # synthesis on (off: the plain loss)
+    intra_lamda: float = 0.8         # λ of Eq. 17
+    aug_num: int = 3                 # M, synthetic samples per embedding
+    start_epoch: int = 30            # the first refresh follows this epoch
+    warmup_epoch: int = 0            # epochs between the first refresh and synthesis
+    update_every_M_epoch: int = 2    # refresh period
     momentum: float = 0.2
-    diag: bool = True
-    full_covariance: str = "auto"    # dense | lowrank | auto (low-rank when dense exceeds the limit)
-    dense_full_limit_gib: float = 2.0
+    covariance: str = "diag"         # diag | full (dense) | lowrank | auto (full: dense or low-rank by size)
+    dense_full_limit_gib: float = 2.0  # auto: low-rank when the dense [C, D, D] would exceed this
     correction: str = "auto"         # auto (train classes > 1000) | on | off
     num_neighbor: int = 25
     beta: float = 0.1
     gamma: float = 0.1
     tau: float = 40.0
-    # official-code behaviours (spec §4-5 quirks), off by default
+    # official-code behaviours (docs/method.md §6), off by default
     official_uncorrected_sampling: bool = False
     official_repeated_sqrt: bool = False
     official_zero_mean_singletons: bool = False
     official_sentinel_normalization: bool = False
-    # evaluation
+
+
+@dataclass(frozen=True)
+class EvalConfig:
     recall: tuple[int, ...] | None = None   # None: the dataset's standard K
-    map: bool = True
-    eval_every: int = 1
-    # execution
-    device: str = "auto"
+    map: bool = True                        # MAP@R and R-Precision
+    eval_every: int = 1                     # 0: never
+    eval_batch: int = 128
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: str = "auto"             # auto | cpu | cuda | cuda:N
     amp: str = "auto"                # auto | off | bf16 | fp16
     channels_last: bool = True
     kernels: str = "auto"            # auto | triton | torch
+    work_memory_mib: float = 256.0   # fastiaa.memory: temporary blocks of chunked computations
+    log_every: int = 10              # steps between host reads of the loss (progress bar, NaN check)
     seed: int = 0
     save_dir: str = "runs"
     name: str | None = None
     resume: bool = False
 
-    @property
-    def loss_name(self) -> str:
-        return LOSS_ALIASES[self.loss.lower()]
+
+GROUPS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "iaa": IAAConfig, "eval": EvalConfig,
+          "runtime": RuntimeConfig}
+GROUP_OF = {f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
+"""Field name -> its group (the names are unique across groups)."""
+TUPLE_FIELDS = ("lr_decay_epochs", "recall")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs; saved as ``config.json`` in the run directory."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    iaa: IAAConfig = field(default_factory=IAAConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    @classmethod
+    def build(cls, **values) -> "TrainConfig":
+        """The defaults with flat ``values`` (field names of any group) applied.
+
+        Raises:
+            ValueError: a name that is no field (the message lists the valid ones).
+        """
+        return cls().replace(**values)
+
+    def replace(self, **values) -> "TrainConfig":
+        """A copy with flat ``values`` applied (see :meth:`build`)."""
+        unknown = sorted(set(values) - set(GROUP_OF))
+        if unknown:
+            raise ValueError(f"unknown settings {unknown}; valid: {sorted(GROUP_OF)}")
+        for key in TUPLE_FIELDS:
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        groups = {}
+        for group in GROUPS:
+            mine = {k: v for k, v in values.items() if GROUP_OF[k] == group}
+            groups[group] = dataclasses.replace(getattr(self, group), **mine) if mine else getattr(self, group)
+        return TrainConfig(**groups)
+
+    def flat(self) -> dict:
+        """``{field name: value}`` over all groups."""
+        return {k: v for group in GROUPS for k, v in dataclasses.asdict(getattr(self, group)).items()}
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def to_dict(self) -> dict:
+        """``{group: {field: value}}``, as stored in checkpoints."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "TrainConfig":
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: not a fastiaa configuration (unknown groups or settings).
+        """
+        if not isinstance(raw, dict) or not set(raw) <= set(GROUPS) or not all(isinstance(g, dict) for g in raw.values()):
+            raise ValueError(f"not a fastiaa training configuration (groups {sorted(GROUPS)} expected)")
+        return cls.build(**{k: v for group in raw.values() for k, v in group.items()})
 
     @classmethod
     def from_json(cls, text: str) -> "TrainConfig":
-        raw = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(known)}")
-        for key in ("lr_decay_epochs", "recall"):
-            if raw.get(key) is not None:
-                raw[key] = tuple(raw[key])
-        return cls(**raw)
+        """Parse :meth:`to_json` output (``config.json``)."""
+        return cls.from_dict(json.loads(text))
 
     def run_dir(self) -> Path:
-        name = self.name or f"{self.dataset}_{self.backbone}_{self.loss_name}_{'iaa' if self.intra else 'base'}_s{self.seed}"
-        return Path(self.save_dir) / name
+        name = self.runtime.name or (f"{self.data.dataset}_{self.model.backbone}_{self.optim.loss_name}_"
+                                     f"{'iaa' if self.iaa.intra else 'base'}_s{self.runtime.seed}")
+        return Path(self.runtime.save_dir) / name
 
 
-# Settings of the authors' published commands (spec §7). Keys are TrainConfig fields.
+# Settings of the authors' published commands (docs/method.md §7), as flat field names.
 PRESETS: dict[str, dict] = {
     "cub200": dict(dataset="cub200", data="MyDataset", backbone="googlenet", loss="ms",
                    intra_lamda=0.8, aug_num=3, num_image_per_class=4),
@@ -122,7 +195,7 @@ PRESETS: dict[str, dict] = {
 
 
 def preset_overrides(dataset: str, backbone: str | None = None, loss: str | None = None) -> dict:
-    """The authors' settings for ``dataset`` (spec §7), adjusted for ``backbone`` and ``loss``.
+    """The authors' settings for ``dataset`` (docs/method.md §7), adjusted for ``backbone`` and ``loss``.
 
     Raises:
         KeyError: unknown dataset (the message lists the known ones).
@@ -137,7 +210,7 @@ def preset_overrides(dataset: str, backbone: str | None = None, loss: str | None
     big = dataset in ("stanford", "inshop")
     if big and values["backbone"] in ("bninception", "resnet50"):
         values.update(batch=256, lr=1e-4, intra_lamda=0.5, aug_num=3)
-    if LOSS_ALIASES[values["loss"].lower()] == "contrastive":
+    if registry.loss_name(values["loss"]) == "contrastive":
         if dataset == "cub200":
             values["lr"] = 3e-5
         if big and values["backbone"] == "googlenet":

@@ -69,34 +69,48 @@ def all_gather_grad(x: torch.Tensor, world: World) -> torch.Tensor:
     return torch.cat(dist_nn.all_gather(x), dim=0)
 
 
+def all_gather_equal(x: torch.Tensor, world: World) -> torch.Tensor:
+    """Concatenate every rank's ``x`` (the same shape on all ranks, e.g. a rank's share of a
+    batch) in rank order, no gradient and no size exchange (no host synchronisation)."""
+    if not world.distributed:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world.world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
 def all_gather_varsize(x: torch.Tensor, world: World) -> torch.Tensor:
-    """Concatenate every rank's ``x`` (dim 0 may differ by rank) in rank order, no gradient."""
+    """Concatenate every rank's ``x`` (dim 0 may differ by rank) in rank order, no gradient
+    (one host synchronisation to read the sizes)."""
     if not world.distributed:
         return x
     sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world.world_size)]
     dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    sizes = torch.cat(sizes).tolist()
+    padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
     padded[: x.shape[0]] = x
     parts = [torch.empty_like(padded) for _ in range(world.world_size)]
     dist.all_gather(parts, padded)
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)], dim=0)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
 
 
-def all_reduce_sum(x: torch.Tensor, world: World) -> torch.Tensor:
-    """In-place sum over ranks; returns ``x``."""
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def all_reduce(x: torch.Tensor, world: World, op: str = "sum") -> torch.Tensor:
+    """In-place reduction (``"sum"``, ``"max"`` or ``"min"``) over ranks; returns ``x``."""
     if world.distributed:
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        dist.all_reduce(x, op=_OPS[op])
     return x
 
 
-def any_rank(flag: bool, world: World, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on at least one (used to stop all ranks together)."""
+def all_gather_object(obj, world: World) -> list:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a single process."""
     if not world.distributed:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+        return [obj]
+    out = [None] * world.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj, world: World):

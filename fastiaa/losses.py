@@ -1,4 +1,5 @@
-"""Pair-based metric-learning losses with IAA's synthetic candidates (spec IAA.md §6, Eq. 18-20).
+"""Pair-based metric-learning losses with IAA's synthetic candidates (Eq. 18-20 of the paper,
+docs/method.md §6).
 
 Every loss is called as ``loss(embeddings [B, D], labels [B], synthetic=None | [M, B, D])``
 on L2-normalised inputs (cosine similarity = dot product; the losses do not normalise).
@@ -8,7 +9,8 @@ blocks, candidate ``m * B + b`` being block m's copy of original b (block 0 = th
 originals). Positive pairs: same label, excluding the anchor's own position in every
 block (itself and the samples synthesised from it). Negative pairs: different label.
 Similarities are computed in float32 with autocast disabled; everything is vectorised
-over anchors with masks.
+over anchors with masks. :func:`iaa_pairs` gives the same pair rule as the indices tuple of
+pytorch-metric-learning, for using its losses with IAA (the README's example).
 """
 from __future__ import annotations
 
@@ -16,10 +18,36 @@ import torch
 from torch import nn
 
 
+def pair_masks(labels: torch.Tensor, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pair rule of IAA (Eq. 18-20): ``positive`` and ``negative`` ``[B, blocks · B]`` bool masks
+    of anchor b against candidate m·B + j (block m's copy of original j; block 0 = the originals):
+    positive when the labels agree and j != b (never the anchor's own copies), negative when they differ.
+    """
+    b = labels.shape[0]
+    candidate_labels = labels.repeat(blocks)
+    same = labels.unsqueeze(1) == candidate_labels.unsqueeze(0)
+    own = torch.arange(b, device=labels.device).unsqueeze(1) == (
+        torch.arange(b * blocks, device=labels.device) % b
+    ).unsqueeze(0)
+    return same & ~own, ~same
+
+
+def iaa_pairs(labels: torch.Tensor, num_synthetic: int = 0) -> tuple[torch.Tensor, ...]:
+    """The pairs of :func:`pair_masks` as pytorch-metric-learning's indices tuple ``(a1, p, a2, n)``:
+    anchors index ``labels [B]``, positives and negatives index the candidates (the originals, then
+    ``num_synthetic`` synthetic blocks of B), passed as ``ref_emb`` with ``ref_labels =
+    labels.repeat(num_synthetic + 1)``. All int64 on the labels' device.
+    """
+    positive, negative = pair_masks(labels, num_synthetic + 1)
+    a1, p = torch.nonzero(positive, as_tuple=True)
+    a2, n = torch.nonzero(negative, as_tuple=True)
+    return a1, p, a2, n
+
+
 def pair_similarities(
     embeddings: torch.Tensor, labels: torch.Tensor, synthetic: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Anchor-candidate similarities and pair masks (spec §6).
+    """Anchor-candidate similarities and pair masks (Eq. 18-20, :func:`pair_masks`).
 
     Args:
         embeddings: ``[B, D]`` L2-normalised originals (the anchors).
@@ -42,7 +70,6 @@ def pair_similarities(
             f"synthetic must be [M, {embeddings.shape[0]}, {embeddings.shape[1]}] (M samples per original), "
             f"got {list(synthetic.shape)}"
         )
-    b = embeddings.shape[0]
     blocks = 1 if synthetic is None else synthetic.shape[0] + 1
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         anchors = embeddings.float()
@@ -50,12 +77,7 @@ def pair_similarities(
         if synthetic is not None:
             candidates = torch.cat([anchors, synthetic.float().reshape(-1, anchors.shape[1])])
         sim = anchors @ candidates.T
-    candidate_labels = labels.repeat(blocks)
-    same = labels.unsqueeze(1) == candidate_labels.unsqueeze(0)
-    own = torch.arange(b, device=labels.device).unsqueeze(1) == (
-        torch.arange(b * blocks, device=labels.device) % b
-    ).unsqueeze(0)
-    return sim, same & ~own, ~same
+    return (sim, *pair_masks(labels, blocks))
 
 
 def _log1p_sum_exp(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -65,7 +87,7 @@ def _log1p_sum_exp(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class MultiSimilarityLoss(nn.Module):
-    """Multi-Similarity loss with the official mining (spec §6; Wang et al., CVPR 2019).
+    """Multi-Similarity loss with the official mining (docs/method.md §6; Wang et al., CVPR 2019).
 
     Per anchor: positives with s >= 1 - epsilon are dropped; a negative is kept if
     s + margin > min positive s, a positive if s - margin < max negative s (both over the
@@ -75,11 +97,13 @@ class MultiSimilarityLoss(nn.Module):
     The sum over anchors is divided by B.
 
     Args:
-        threshold: λ (0.5). margin: 0.1. scale_pos: α (2). scale_neg: β (40).
+        threshold: λ (0.5). scale_pos: α (2). scale_neg: β (40).
+        margin: the mining margin (0.1); None: no mining, every pair of :func:`pair_masks` is
+            weighted (what pytorch-metric-learning's MultiSimilarityLoss computes without a miner).
         epsilon: positives with s >= 1 - epsilon are dropped (1e-5).
     """
 
-    def __init__(self, threshold: float = 0.5, margin: float = 0.1, scale_pos: float = 2.0,
+    def __init__(self, threshold: float = 0.5, margin: float | None = 0.1, scale_pos: float = 2.0,
                  scale_neg: float = 40.0, epsilon: float = 1e-5) -> None:
         super().__init__()
         self.threshold, self.margin = threshold, margin
@@ -91,11 +115,12 @@ class MultiSimilarityLoss(nn.Module):
         """Scalar float32 loss; see the class docstring and :func:`pair_similarities`."""
         sim, positive, negative = pair_similarities(embeddings, labels, synthetic)
         positive = positive & (sim < 1 - self.epsilon)
-        inf = torch.tensor(float("inf"), device=sim.device)
-        min_pos = torch.where(positive, sim, inf).amin(1, keepdim=True)
-        max_neg = torch.where(negative, sim, -inf).amax(1, keepdim=True)
-        keep_neg = negative & (sim + self.margin > min_pos)
-        keep_pos = positive & (sim - self.margin < max_neg)
+        keep_pos, keep_neg = positive, negative
+        if self.margin is not None:  # scalars, not host tensors: nothing is copied to the device
+            min_pos = torch.where(positive, sim, float("inf")).amin(1, keepdim=True)
+            max_neg = torch.where(negative, sim, float("-inf")).amax(1, keepdim=True)
+            keep_neg = negative & (sim + self.margin > min_pos)
+            keep_pos = positive & (sim - self.margin < max_neg)
         active = keep_pos.any(1) & keep_neg.any(1)
         pos_loss = _log1p_sum_exp(-self.scale_pos * (sim - self.threshold), keep_pos) / self.scale_pos
         neg_loss = _log1p_sum_exp(self.scale_neg * (sim - self.threshold), keep_neg) / self.scale_neg
@@ -104,7 +129,7 @@ class MultiSimilarityLoss(nn.Module):
 
 
 class ContrastiveLoss(nn.Module):
-    """Contrastive loss in similarity form with the official margins (spec §6).
+    """Contrastive loss in similarity form with the official margins (docs/method.md §6).
 
     Σ over positive pairs with s < pos_margin of (pos_margin - s) + Σ over negative pairs
     with s > neg_margin of (s - neg_margin), divided by B.
@@ -128,7 +153,7 @@ class ContrastiveLoss(nn.Module):
 
 
 class TripletLoss(nn.Module):
-    """Triplet loss with every positive and the hardest negative of the anchor (spec §6).
+    """Triplet loss with every positive and the hardest negative of the anchor (docs/method.md §6).
 
     For each anchor a with at least one negative, each positive p contributes
     max(0, s(a, n*) - s(a, p) + margin), n* the most similar negative among all

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fastiaa.checkpoint import atomic_write, atomic_write_text
 
-# Paper's Recall@1 / MAP@R in percent (spec §9), keyed by (backbone, loss) then dataset.
+# Paper's Recall@1 / MAP@R in percent (docs/method.md §9), keyed by (backbone, loss) then dataset.
 PAPER_RECALL1 = {
     ("googlenet", "ms"): {"cub200": 62.1, "cars196": 84.2, "stanford": 78.6, "inshop": 89.3},
     ("googlenet", "contrastive"): {"cub200": 61.7, "cars196": 80.8, "stanford": 77.8, "inshop": 88.8},
@@ -72,7 +72,7 @@ def plot(records: list[dict], path: str | Path) -> None:
 
 
 def paper_comparison(best: dict, dataset: str, backbone: str, loss: str) -> str:
-    """Markdown table of the run's best metrics next to the paper's (spec §9)."""
+    """Markdown table of the run's best metrics next to the paper's (docs/method.md §9)."""
     rows = ["| metric | this run | paper |", "|---|---|---|"]
     for key in sorted((k for k in best if k.startswith("recall@")), key=lambda k: int(k[7:])):
         paper = PAPER_RECALL1.get((backbone, loss), {}).get(dataset) if key == "recall@1" else None

@@ -1,42 +1,42 @@
-"""fastiaa.kernels — Triton kernels for IAA and their dispatch (spec IAA.md §3-5).
+"""fastiaa.kernels — the class moments and the synthesis of IAA, each behind one function that
+dispatches to a Triton kernel or to the one PyTorch implementation (docs/method.md §3, §5).
 
 This room knows nothing about training: it turns tensors into tensors.
 
-Dispatch
---------
-``set_backend("auto" | "triton" | "torch")`` picks the implementation:
+Dispatch, by argument (``backend=``, the ``--kernels`` flag), never by a process-wide setting:
 
 * ``"auto"`` (default): Triton for CUDA tensors when Triton imports, PyTorch otherwise.
-* ``"triton"``: Triton for CUDA tensors; CPU tensors take Triton only under the
-  interpreter (environment variable ``TRITON_INTERPRET=1``, used by the tests), and the
-  PyTorch code otherwise (Triton cannot launch on CPU tensors).
-* ``"torch"``: always the PyTorch code.
+* ``"triton"``: Triton for CUDA tensors; CPU tensors take Triton only under the interpreter
+  (environment variable ``TRITON_INTERPRET=1``, used by the tests), PyTorch otherwise.
+* ``"torch"``: always PyTorch.
 
-The module imports on machines without a GPU driver and without Triton; Triton import
-failures silently degrade to PyTorch (``triton_available()`` says which).
+The module imports on machines without a GPU driver and without Triton (``triton_available()``
+says which); every entry point validates its input once (:func:`check_embeddings`).
 
 Entry points
 ------------
-``class_moments``      per-class count, mean and centred second moment (spec §3).
-``synthesize``         N(z, scale² Σ_y) draws with in-kernel Philox noise (spec §5, Eq. 17).
+``class_moments``      per-class count, mean and centred second moment (Eq. 7-8).
+``synthesize``         N(z, scale² Σ_y) draws (Eq. 17), noise keyed by a CPU generator.
 
-Dense Cholesky factors come from ``fastiaa.iaa.sampling_factor`` (cuSOLVER / LAPACK batched
-``potrf`` through torch, which a Triton Cholesky would not beat at D = 512); the SOP-scale
-full covariance uses :class:`LowRankFactor` (built by ``fastiaa.iaa.lowrank``) and needs
-no per-class Cholesky.
+Dense Cholesky factors come from ``fastiaa.iaa.cholesky_factor`` (batched ``potrf`` through
+torch); the full covariance at Stanford Online Products scale uses :class:`LowRankFactor` (built
+by ``fastiaa.iaa.lowrank``), which needs no per-class Cholesky.
 """
 from __future__ import annotations
 
-from ._dispatch import get_backend, set_backend, triton_available, use_triton
+from ._dispatch import BACKENDS, all_finite, check_backend, check_embeddings, triton_available, use_triton
 from .moments import class_moments
-from .sampling import LowRankFactor, synthesize
+from .sampling import LowRankFactor, draw_seed, synthesize
 
 __all__ = [
-    "set_backend",
-    "get_backend",
-    "use_triton",
-    "triton_available",
-    "class_moments",
-    "synthesize",
+    "BACKENDS",
     "LowRankFactor",
+    "all_finite",
+    "check_backend",
+    "check_embeddings",
+    "class_moments",
+    "draw_seed",
+    "synthesize",
+    "triton_available",
+    "use_triton",
 ]

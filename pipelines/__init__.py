@@ -1,4 +1,4 @@
-"""Image loading for fastiaa: NVIDIA DALI pipelines and the torchvision reference (spec §2).
+"""Image loading for fastiaa: NVIDIA DALI pipelines and the torchvision reference (docs/method.md §2).
 
 ``build_train_loader`` / ``build_eval_loader`` with ``kind="dali"`` or ``kind="torchvision"``
 give ``Batch``es of channels-last NCHW images normalised per backbone (``NORMALIZATIONS``).

@@ -1,5 +1,5 @@
 """What both loaders share: normalisation, the batch record, image geometry and the seeded
-augmentation draws (spec ../shared/spec/IAA.md §2).
+augmentation draws (docs/method.md §2).
 
 Every random number of the train transform is drawn here, in the main process, from
 ``(seed, epoch, batch index)``; the torchvision and the DALI loaders only *apply* the crop windows
@@ -9,6 +9,7 @@ run (``set_epoch(e)``) continues the stream exactly.
 """
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass
 
@@ -16,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-CROP_SCALE = (0.16, 1.0)      # spec §2: random resized crop, area fraction of the resized image
-CROP_RATIO = (0.75, 1.33)     # spec §2: width / height of the crop window
+CROP_SCALE = (0.16, 1.0)      # docs/method.md §2: random resized crop, area fraction of the resized image
+CROP_RATIO = (0.75, 1.33)     # docs/method.md §2: width / height of the crop window
 CROP_TRIES = 10               # torchvision RandomResizedCrop: tries before the centre-crop fallback
 RESIZE_MODES = ("square", "shorter")
 # uniform draws per sample: CROP_TRIES scales, CROP_TRIES log-ratios, top, left, flip
@@ -26,7 +27,7 @@ DRAWS_PER_SAMPLE = 2 * CROP_TRIES + 3
 
 @dataclass(frozen=True)
 class Normalization:
-    """Input space of a backbone (spec §2).
+    """Input space of a backbone (docs/method.md §2).
 
     ``out[c] = (pixel[c] / 255 * scale - mean[c]) / std[c]`` with ``pixel`` the uint8 value of
     channel ``c`` in RGB order, or in BGR order when ``bgr`` is true; ``mean``/``std`` are given in
@@ -72,7 +73,7 @@ def check_geometry(resize: str, resize_size: int, crop_size: int) -> None:
 
 
 def resized_shape(heights: np.ndarray, widths: np.ndarray, resize: str, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Image size after the first resize of spec §2, as torchvision computes it.
+    """Image size after the first resize of docs/method.md §2, as torchvision computes it.
 
     "square": (size, size). "shorter": the shorter side becomes ``size`` and the longer one
     ``int(size * long / short)`` (truncated, like ``torchvision.transforms.Resize(size)``).
@@ -109,7 +110,7 @@ def augment_draws(seed: int, epoch: int, batch_index: int, batch_size: int) -> n
 
 def crop_windows(draws: np.ndarray, heights: np.ndarray, widths: np.ndarray,
                  scale: tuple[float, float] = CROP_SCALE, ratio: tuple[float, float] = CROP_RATIO):
-    """Random-resized-crop windows and flips from ``augment_draws`` rows (spec §2).
+    """Random-resized-crop windows and flips from ``augment_draws`` rows (docs/method.md §2).
 
     The sampling rule of ``torchvision.transforms.RandomResizedCrop.get_params``: up to
     CROP_TRIES tries of area fraction ~ U(scale) and log aspect ratio ~ U(log ratio); the first
@@ -174,9 +175,16 @@ def normalize_nhwc(pixels: torch.Tensor, normalization: Normalization, dtype: to
     """uint8 [B, H, W, 3] pixels, already in the normalisation's channel order (BGR when
     ``normalization.bgr``) -> normalised [B, 3, H, W] ``dtype`` with channels-last memory (a new
     tensor on ``pixels.device``; the arithmetic is float32, then cast to ``dtype``)."""
-    mean, std = normalization.pixel_mean_std()
-    mul = torch.tensor(1.0 / std, dtype=torch.float32, device=pixels.device)
-    add = torch.tensor(-mean / std, dtype=torch.float32, device=pixels.device)
+    mul, add = _affine(normalization, pixels.device)
     out = torch.empty(pixels.shape, dtype=torch.float32, device=pixels.device).copy_(pixels)
-    torch.addcmul(add, out, mul, out=out)   # in place: ~3x faster on the CPU than a promoting addcmul
+    torch.addcmul(add, out, mul, out=out)   # in place: a promoting addcmul is much slower on the CPU
     return out.to(dtype).permute(0, 3, 1, 2)
+
+
+@functools.lru_cache(maxsize=16)
+def _affine(normalization: Normalization, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(1 / s, −m / s)`` of :meth:`Normalization.pixel_mean_std` on ``device``, made once (a copy
+    to a GPU for every batch would wait for the device)."""
+    mean, std = normalization.pixel_mean_std()
+    return (torch.tensor(1.0 / std, dtype=torch.float32, device=device),
+            torch.tensor(-mean / std, dtype=torch.float32, device=device))

@@ -1,4 +1,4 @@
-"""NVIDIA DALI pipelines: decode and augment into NHWC batches (spec §2).
+"""NVIDIA DALI pipelines: decode and augment into NHWC batches (docs/method.md §2).
 
 One graph for both devices; only the placement differs: on a GPU the decoder is ``mixed`` and the
 operators run on ``gpu``, without one (``device_id=None``) everything runs on the CPU backend.
@@ -54,7 +54,6 @@ class DaliLoader:
                  resize_size: int, crop_size: int, num_threads: int, device: str, dtype: torch.dtype, seed: int):
         require_dali()
         self.paths = images.paths
-        self.labels = torch.tensor(np.asarray(images.labels), dtype=torch.int64)
         self.plan_fn = plan
         self.train = train
         self.batch_size = batch_size
@@ -63,6 +62,7 @@ class DaliLoader:
         self.num_threads = max(1, num_threads)
         self.device = torch.device(device)
         self.gpu = self.device.type == "cuda"
+        self.labels = torch.tensor(np.asarray(images.labels), dtype=torch.int64, device=self.device)
         self.dtype = dtype
         self.seed = seed
         # (height, width) of every file, filled from the headers as images are first read ("shorter" only)
@@ -151,9 +151,9 @@ class DaliLoader:
             # NHWC in DALI's buffer = NCHW channels-last for torch, without a copy
             nhwc = torch.from_dlpack(images.as_tensor())
             index = torch.from_numpy(np.asarray(indices, np.int64))
-            yield Batch(images=nhwc.to(self.dtype).permute(0, 3, 1, 2),
-                        labels=self.labels[index].to(self.device, non_blocking=True),
-                        indices=index.to(self.device, non_blocking=True))
+            if self.gpu:  # from pinned memory, so that the copy is asynchronous
+                index = index.pin_memory().to(self.device, non_blocking=True)
+            yield Batch(images=nhwc.to(self.dtype).permute(0, 3, 1, 2), labels=self.labels[index], indices=index)
         try:
             self.pipe.run()
         except StopIteration:

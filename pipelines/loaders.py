@@ -30,7 +30,7 @@ def _make(kind, images, plan, train, batch_size, normalization, resize, resize_s
 
 
 class TrainLoader:
-    """Train batches: the sampler's exact index batches, in order, with the spec §2 train transform.
+    """Train batches: the sampler's exact index batches, in order, with the docs/method.md §2 train transform.
 
     ``set_epoch(e)`` selects the epoch (and calls ``sampler.set_epoch(e)``); the same (seed, epoch)
     gives the same batches and the same crops and flips, with either loader kind. Iterating yields
@@ -75,7 +75,7 @@ def build_train_loader(kind: str, images, sampler, normalization: Normalization,
                        shard: tuple[int, int] = (0, 1)) -> TrainLoader:
     """Train loader over ``images`` (a fastiaa.data.ImageSet) in the order of ``sampler``.
 
-    Transform (spec §2): decode -> RGB (BGR for BN-Inception) -> resize ("square": resize_size²,
+    Transform (docs/method.md §2): decode -> RGB (BGR for BN-Inception) -> resize ("square": resize_size²,
     "shorter": shorter side resize_size) -> random resized crop to crop_size (area (0.16, 1) of the
     resized image, aspect (0.75, 1.33)) -> horizontal flip with p = 1/2 -> normalisation.
     kind: "torchvision" (PIL + DataLoader with ``num_threads`` workers, none if <= 1) or "dali"
@@ -93,7 +93,7 @@ def build_eval_loader(kind: str, images, batch_size: int, normalization: Normali
                       resize_size: int = 256, crop_size: int = 224, num_threads: int = 2, device: str = "cpu",
                       dtype: torch.dtype = torch.float32):
     """Eval loader: every image of ``images`` exactly once, in dataset order, in batches of
-    ``batch_size`` with a smaller last batch (never padded). Transform (spec §2): resize ("square":
+    ``batch_size`` with a smaller last batch (never padded). Transform (docs/method.md §2): resize ("square":
     resize_size², "shorter": shorter side resize_size) -> centre crop crop_size -> normalisation.
     Returns an iterable of ``Batch`` (re-iterable); other arguments and errors as build_train_loader.
     """

@@ -1,4 +1,4 @@
-"""The torchvision reference loader (the authors' transforms on PIL images; spec §2).
+"""The torchvision reference loader (the authors' transforms on PIL images; docs/method.md §2).
 
 Workers decode with PIL and apply resize -> random resized crop -> flip (train) or
 resize -> centre crop (eval) on uint8 images; the main process stacks the uint8 crops, moves them
@@ -50,7 +50,7 @@ class _Images(torch.utils.data.Dataset):
 def _collate(items):
     pixels = torch.stack([pixels for pixels, _ in items])
     indices = torch.tensor([index for _, index in items], dtype=torch.int64)
-    return pixels, indices
+    return pixels, indices  # pinned by the DataLoader on a GPU run: the copies below are asynchronous
 
 
 class ReferenceLoader:
@@ -62,9 +62,9 @@ class ReferenceLoader:
 
     def __init__(self, images, plan, normalization: Normalization, resize: str, resize_size: int,
                  crop_size: int, num_threads: int, device: str, dtype: torch.dtype):
-        self.labels = torch.tensor(np.asarray(images.labels), dtype=torch.int64)
-        self.normalization = normalization
         self.device = torch.device(device)
+        self.labels = torch.tensor(np.asarray(images.labels), dtype=torch.int64, device=self.device)
+        self.normalization = normalization
         self.dtype = dtype
         workers = num_threads if num_threads > 1 else 0
         self.loader = torch.utils.data.DataLoader(
@@ -77,9 +77,9 @@ class ReferenceLoader:
     def __iter__(self):
         for pixels, indices in self.loader:
             pixels = pixels.to(self.device, non_blocking=True)
-            yield Batch(images=normalize_nhwc(pixels, self.normalization, self.dtype),
-                        labels=self.labels[indices].to(self.device, non_blocking=True),
-                        indices=indices.to(self.device, non_blocking=True))
+            indices = indices.to(self.device, non_blocking=True)
+            yield Batch(images=normalize_nhwc(pixels, self.normalization, self.dtype), labels=self.labels[indices],
+                        indices=indices)
 
 
 class _Batches:

@@ -1,20 +1,16 @@
-"""bench/baseline_loop.py computes what fastiaa computes: the authors' per-anchor Multi-Similarity
+"""bench/baselines.py computes what fastiaa computes: the authors' per-anchor Multi-Similarity
 loop gives fastiaa's loss and gradients on the same batch, and their retrieval loop fastiaa's metrics."""
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from baseline_loop import authors_retrieval, ms_loss_loop, synthesize_loop  # noqa: E402
-
-from fastiaa.evaluation import retrieval_metrics  # noqa: E402
-from fastiaa.losses import MultiSimilarityLoss  # noqa: E402
+from bench.baselines import authors_retrieval, ms_loss_loop, synthesize_loop
+from fastiaa.evaluation import retrieval_metrics
+from fastiaa.losses import MultiSimilarityLoss
 
 
 def batch(seed: int, b: int = 24, d: int = 16, m: int = 3, classes: int = 8):

@@ -1,11 +1,13 @@
-"""fastiaa.evaluation against a float64 transcription of spec §8 and pytorch-metric-learning."""
+"""fastiaa.evaluation against a float64 transcription of docs/method.md §8 and pytorch-metric-learning."""
+
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from fastiaa import evaluation
-from fastiaa.evaluation import retrieval_metrics
+from fastiaa import memory
+from fastiaa.evaluation import metrics, retrieval_metrics
 
 BACKENDS = ("torch", "faiss")
 KS = (1, 2, 4, 8, 40, 100)  # 40 and 100 lie beyond the torch backend's short list
@@ -130,10 +132,8 @@ def test_query_gallery_matches_brute_force(backend, data, request):
 def test_tiny_chunks_and_short_lists(backend, data, request, monkeypatch):
     """Many chunks (some without ties, some full of them), lists shorter than R: still exact."""
     x, y = request.getfixturevalue(data)
-    monkeypatch.setattr(evaluation, "_BLOCK_ELEMENTS", {"cpu": 3 * len(x)})
-    monkeypatch.setattr(evaluation, "_LIST_ELEMENTS", 300)
-    monkeypatch.setattr(evaluation, "_SHORT_LIST", 2)
-    with pytest.warns(UserWarning):
+    monkeypatch.setattr(metrics, "_SHORT_LIST", 2)
+    with pytest.warns(UserWarning), memory.work_memory(3 * len(x) * 4 / 2**20):  # blocks of 3 query rows
         got = retrieval_metrics(x, y, ks=(1, 3, 50), backend=backend)
     assert_same(got, brute_force(x, y, None, None, (1, 3, 50)))
 
@@ -227,11 +227,46 @@ def test_bad_input_is_named():
             retrieval_metrics(**kwargs)
 
 
-def test_faiss_gpu_k_limit_is_reported(monkeypatch):
-    monkeypatch.setattr(evaluation, "_choose_backend", lambda *args, **kwargs: (True, True))
+def test_faiss_gpu_k_limit_falls_back_to_torch_under_auto(monkeypatch):
     x = np.random.default_rng(0).standard_normal((2100, 4)).astype(np.float32)
+    y = np.arange(2100) % 700
+    want = retrieval_metrics(x, y, ks=(1, 2047), backend="torch")
+    monkeypatch.setattr(metrics, "_choose_backend", lambda *args, **kwargs: (True, True))  # as if faiss saw a GPU
+    with pytest.warns(UserWarning, match="at most 2048 neighbours but 2049 are needed.*torch backend instead"):
+        assert retrieval_metrics(x, y, ks=(1, 2047)) == want
     with pytest.raises(ValueError, match="at most 2048 neighbours but 2049 are needed"):
-        retrieval_metrics(x, np.arange(2100) % 700, ks=(1, 2047))
+        retrieval_metrics(x, y, ks=(1, 2047), backend="faiss")
+
+
+def test_faiss_gpu_index_lives_on_the_requested_device_with_shared_bounded_resources(monkeypatch):
+    """The GPU branch with a stand-in for faiss's GPU functions: index on the asked device only,
+    one StandardGpuResources per device and process, temporary memory from the budget."""
+    import types
+
+    import faiss
+
+    made, placed = [], []
+
+    class Resources:
+        def __init__(self):
+            made.append(self)
+
+        def setTempMemory(self, nbytes):
+            self.temp = nbytes
+
+    def to_gpu(resources, device, index):
+        placed.append((resources, device))
+        return index  # keep searching on the CPU index
+
+    fake = types.SimpleNamespace(IndexFlatIP=faiss.IndexFlatIP, StandardGpuResources=Resources, index_cpu_to_gpu=to_gpu)
+    monkeypatch.setitem(sys.modules, "faiss", fake)
+    monkeypatch.setattr(metrics, "_GPU_RESOURCES", {})
+    x, y = torch.randn(50, 8), torch.arange(50) % 10
+    ref, positives = torch.nn.functional.normalize(x, dim=1), metrics._Positives(y.numpy(), y.numpy(), True, "cpu")
+    with memory.work_memory(64):
+        for _ in range(2):
+            metrics._FaissRanker(ref, positives, True, 4, True, 5, torch.device("cuda", 1))
+    assert len(made) == 1 and made[0].temp == 64 * 2**20 and placed == [(made[0], 1), (made[0], 1)]
 
 
 def test_no_positive_anywhere_gives_nan():
@@ -296,3 +331,17 @@ def test_matches_pytorch_metric_learning_query_gallery(backend, clustered):
     assert ours["recall@1"] == pytest.approx(theirs["precision_at_1"] * with_positive, abs=1e-12)
     assert ours["r_precision"] == pytest.approx(theirs["r_precision"], abs=1e-12)
     assert ours["map@r"] == pytest.approx(theirs["mean_average_precision_at_r"], abs=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_metrics_equal_the_cpu_ones(backend, clustered):
+    x, y = clustered
+    if backend == "faiss":
+        faiss = pytest.importorskip("faiss")
+        if faiss.get_num_gpus() == 0:
+            pytest.skip("this faiss build sees no GPU (faiss-cpu)")
+    on_gpu = retrieval_metrics(torch.as_tensor(x).cuda(), y, ks=(1, 2, 4), backend=backend)
+    on_cpu = retrieval_metrics(x, y, ks=(1, 2, 4), backend="torch")
+    for key, value in on_cpu.items():
+        assert on_gpu[key] == pytest.approx(value, abs=1e-12), key

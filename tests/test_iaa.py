@@ -1,22 +1,15 @@
-"""fastiaa.iaa against float64 loop transcriptions of spec IAA.md §3-5."""
+"""fastiaa.iaa (and the PyTorch paths of fastiaa.kernels) against float64 loop transcriptions of
+docs/method.md §3-5, and the IAA object's schedule, forms and checkpoints."""
 import math
 import types
 
 import pytest
 import torch
 
-from fastiaa.iaa import (
-    ClassStatistics,
-    SamplingFactor,
-    class_moments,
-    draw_seed,
-    lambda_schedule,
-    neighbor_correction,
-    sampling_factor,
-    synthesize,
-)
-from fastiaa.iaa import _neighbors, correction, statistics
+from fastiaa import IAA, memory
+from fastiaa.iaa import DenseStatistics, LowRankStatistics, cholesky_factor, lambda_schedule, neighbor_correction
 from fastiaa.iaa._neighbors import nearest_candidates
+from fastiaa.kernels import LowRankFactor, class_moments, draw_seed, synthesize
 
 # ---------------------------------------------------------------- float64 references
 
@@ -137,7 +130,7 @@ def test_class_moments_stable_far_from_origin():
 @pytest.mark.parametrize("full", [False, True])
 def test_fold_matches_spec_over_several_updates(full):
     num_classes, dim, momentum = 6, 5, 0.2
-    stats = ClassStatistics(num_classes, dim, covariance="full" if full else "diag", momentum=momentum)
+    stats = DenseStatistics(num_classes, dim, covariance="full" if full else "diag", momentum=momentum)
     ref = make_state(num_classes, dim, full)
     g = torch.Generator().manual_seed(3)
     batches = [
@@ -149,13 +142,13 @@ def test_fold_matches_spec_over_several_updates(full):
         stats.update(x, y)
         ref = ref_fold(ref, x, y, num_classes, momentum, full)
         torch.testing.assert_close(stats.mean.double(), ref[0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(stats.covariance.double(), ref[1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(stats.covariance().double(), ref[1], rtol=1e-5, atol=1e-5)
         assert torch.equal(stats.count, ref[2]) and torch.equal(stats.class_size, ref[3])
     # the singleton of the second batch: its own sample as mean, covariance 0 (first update)
-    fresh = ClassStatistics(num_classes, dim)
+    fresh = DenseStatistics(num_classes, dim)
     x, y = batches[1]
     fresh.update(x, y)
-    assert torch.equal(fresh.mean[5], x[11]) and float(fresh.covariance[5].abs().sum()) == 0.0
+    assert torch.equal(fresh.mean[5], x[11]) and float(fresh.covariance()[5].abs().sum()) == 0.0
     assert float(fresh.mean[4].abs().sum()) == 0.0 and int(fresh.count[4]) == 0  # absent: untouched
 
 
@@ -163,26 +156,26 @@ def test_fold_accepts_bf16_and_accumulates_in_float32():
     g = torch.Generator().manual_seed(4)
     x = (torch.randn(40, 8, generator=g) + 5).bfloat16()
     y = torch.arange(40) % 4
-    stats = ClassStatistics(4, 8)
+    stats = DenseStatistics(4, 8)
     stats.update(x, y)
     ref = ref_fold(make_state(4, 8, False), x.double(), y, 4, 0.2, False)
-    assert stats.mean.dtype == torch.float32 and stats.covariance.dtype == torch.float32
+    assert stats.mean.dtype == torch.float32 and stats.covariance().dtype == torch.float32
     torch.testing.assert_close(stats.mean.double(), ref[0], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(stats.covariance.double(), ref[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.covariance().double(), ref[1], rtol=1e-5, atol=1e-6)
 
 
-def test_update_from_moments_equals_update():
+def test_fold_of_moments_equals_update():
     g = torch.Generator().manual_seed(5)
     x, y = torch.randn(25, 4, generator=g), torch.randint(0, 5, (25,), generator=g)
-    a, b = ClassStatistics(5, 4), ClassStatistics(5, 4)
+    a, b = DenseStatistics(5, 4), DenseStatistics(5, 4)
     a.update(x, y)
-    b.update_from_moments(*class_moments(x, y, 5))
-    assert torch.equal(a.mean, b.mean) and torch.equal(a.covariance, b.covariance)
+    b.fold(*class_moments(x, y, 5))
+    assert torch.equal(a.mean, b.mean) and torch.equal(a.covariance(), b.covariance())
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_embeddings_rejected_and_state_untouched(bad):
-    stats = ClassStatistics(3, 2)
+    stats = DenseStatistics(3, 2)
     x = torch.ones(4, 2)
     stats.update(x, torch.tensor([0, 0, 1, 2]))
     before = stats.state_dict()
@@ -193,7 +186,7 @@ def test_non_finite_embeddings_rejected_and_state_untouched(bad):
 
 
 def test_bad_labels_and_shapes_rejected():
-    stats = ClassStatistics(3, 2)
+    stats = DenseStatistics(3, 2)
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
         stats.update(torch.zeros(2, 2), torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="dimension"):
@@ -201,19 +194,20 @@ def test_bad_labels_and_shapes_rejected():
     with pytest.raises(ValueError, match="integer"):
         stats.update(torch.zeros(2, 2), torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match="covariance"):
-        ClassStatistics(3, 2, covariance="low")
+        DenseStatistics(3, 2, covariance="low")
 
 
 def test_state_dict_round_trip(tmp_path):
-    stats = ClassStatistics(4, 3, covariance="full")
+    stats = DenseStatistics(4, 3, covariance="full")
     stats.update(torch.randn(12, 3), torch.arange(12) % 4)
     torch.save(stats.state_dict(), tmp_path / "s.pt")
-    other = ClassStatistics(4, 3, covariance="full")
+    other = DenseStatistics(4, 3, covariance="full")
     other.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
-    for name in ("mean", "covariance", "count", "class_size"):
+    for name in ("mean", "count", "class_size"):
         assert torch.equal(getattr(stats, name), getattr(other, name))
+    assert torch.equal(stats.covariance(), other.covariance())
     with pytest.raises(ValueError, match="checkpoint"):
-        ClassStatistics(4, 3).load_state_dict(stats.state_dict())
+        DenseStatistics(4, 3).load_state_dict(stats.state_dict())
 
 
 # ---------------------------------------------------------------- §4 neighbour correction
@@ -237,24 +231,26 @@ def test_correction_matches_loop(full, k, zero_mean, sentinel):
 
 
 @pytest.mark.parametrize("full", [False, True])
-def test_chunked_paths_match_loop(monkeypatch, full):
-    # tiny work buffers: many chunks of samples, classes and rows
-    monkeypatch.setattr(statistics, "_CHUNK_ELEMENTS", 40)
-    monkeypatch.setattr(_neighbors, "_BLOCK_ELEMENTS", 20)
-    monkeypatch.setattr(_neighbors, "_GATHER_ELEMENTS", 20)
-    monkeypatch.setattr(correction, "_GATHER_ELEMENTS", 20)
+def test_chunked_paths_match_loop(full):
+    with memory.work_memory(0.001):  # ~1 KiB: many chunks of samples, classes and rows
+        _chunked_paths_match_loop(full)
+    assert memory.budget_mib() == memory.DEFAULT_MIB  # nothing left changed
+
+
+def _chunked_paths_match_loop(full):
+    assert memory.block_elements(parts=16) == 16
     g = torch.Generator().manual_seed(11)
     y = torch.tensor(sum(([c] * n for c, n in enumerate(COUNTS)), []))
     y = y[torch.randperm(len(y), generator=g)]
     x = torch.randn(len(y), 3, generator=g) + 1
-    stats = ClassStatistics(len(COUNTS), 3, covariance="full" if full else "diag")
+    stats = DenseStatistics(len(COUNTS), 3, covariance="full" if full else "diag")
     ref = make_state(len(COUNTS), 3, full)
     for shift in (0.0, 0.5):
         stats.update(x + shift, y)
         ref = ref_fold(ref, x + shift, y, len(COUNTS), 0.2, full)
-    torch.testing.assert_close(stats.covariance.double(), ref[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.covariance().double(), ref[1], rtol=1e-5, atol=1e-5)
     got = stats.corrected(num_neighbors=4, official_sentinel_normalization=True)
-    want = ref_correct(stats.mean, stats.covariance, COUNTS, 4, sentinel=True)
+    want = ref_correct(stats.mean, stats.covariance(), COUNTS, 4, sentinel=True)
     torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-6)
 
 
@@ -311,22 +307,25 @@ def test_class_statistics_corrected_uses_class_sizes():
     g = torch.Generator().manual_seed(8)
     y = torch.tensor([0] * 5 + [1] * 2 + [2] + [3] * 3)
     x = torch.randn(len(y), 4, generator=g)
-    stats = ClassStatistics(4, 4)
+    stats = DenseStatistics(4, 4)
     stats.update(x, y)
     stats.update(x + 0.1, y)  # n_seen doubles, class sizes stay
     got = stats.corrected(num_neighbors=2)
-    want = ref_correct(stats.mean, stats.covariance, [5, 2, 1, 3], 2)
+    want = ref_correct(stats.mean, stats.covariance(), [5, 2, 1, 3], 2)
     torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-6)
 
 
-# ---------------------------------------------------------------- §5 synthesis and λ
+# ---------------------------------------------------------------- §5 synthesis (PyTorch path) and λ
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
 
 
 def test_sampler_statistics_diag():
     cov = torch.tensor([[0.5, 2.0, 0.1], [1.0, 0.0, 3.0]])
     z = torch.tensor([[1.0, -2.0, 0.5], [0.0, 4.0, 1.0]])
-    out = synthesize(z, torch.tensor([1, 0]), cov, lam=0.6, num=40000,
-                     generator=torch.Generator().manual_seed(0)).double()
+    out = synthesize(z, torch.tensor([1, 0]), cov.sqrt(), math.sqrt(0.6), 40000, gen(0)).double()
     for b, c in ((0, 1), (1, 0)):
         var = 0.6 * cov[c].double()
         torch.testing.assert_close(out[:, b].mean(0), z[b].double(), rtol=0, atol=5 * float(var.max().sqrt()) / 200)
@@ -337,10 +336,9 @@ def test_sampler_statistics_full():
     a = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.5, 0.0], [-0.3, 0.2, 0.7]])
     cov = torch.stack([a @ a.T, torch.eye(3) * 0.2])
     z = torch.tensor([[0.5, 1.0, -1.0]])
-    factor = sampling_factor(cov)
-    torch.testing.assert_close(factor.data @ factor.data.transpose(1, 2), cov, rtol=1e-5, atol=2e-6)
-    out = synthesize(z, torch.tensor([0]), factor, lam=0.8, num=40000,
-                     generator=torch.Generator().manual_seed(1))[:, 0].double()
+    factor, _ = cholesky_factor(cov)
+    torch.testing.assert_close(factor @ factor.transpose(1, 2), cov, rtol=1e-5, atol=2e-6)
+    out = synthesize(z, torch.tensor([0]), factor, math.sqrt(0.8), 40000, gen(1))[:, 0].double()
     torch.testing.assert_close(out.mean(0), z[0].double(), rtol=0, atol=0.02)
     torch.testing.assert_close(torch.cov(out.T), 0.8 * cov[0].double(), rtol=0, atol=0.03)
 
@@ -349,53 +347,51 @@ def test_synthesis_known_draws_and_repeatability():
     g = torch.Generator().manual_seed(2)
     cov = torch.rand(4, 5, generator=g)
     z, y = torch.randn(3, 5, generator=g), torch.tensor([3, 0, 3])
-    one = synthesize(z, y, cov, 0.5, 3, generator=torch.Generator().manual_seed(9))
-    two = synthesize(z, y, sampling_factor(cov), 0.5, 3, generator=torch.Generator().manual_seed(9))
-    eps = torch.randn((3, 3, 5), generator=torch.Generator().manual_seed(9))
-    assert torch.equal(one, two)
-    torch.testing.assert_close(one, z + math.sqrt(0.5) * cov[y].sqrt() * eps)
-    quirk = synthesize(z, y, cov, 0.5, 3, generator=torch.Generator().manual_seed(9), official_repeated_sqrt=True)
+    scale = math.sqrt(0.5)
+    one = synthesize(z, y, cov.sqrt(), scale, 3, gen(9))
+    eps = torch.randn((3, 3, 5), generator=gen(9))  # on the CPU: the generator's own stream
+    assert torch.equal(one, synthesize(z, y, cov.sqrt(), scale, 3, gen(9)))
+    torch.testing.assert_close(one, z + scale * cov[y].sqrt() * eps)
+    quirk = synthesize(z, y, cov.sqrt(), scale, 3, gen(9), repeated_sqrt=True)
     for m in range(3):  # sample m + 1 uses Σ^(1/2^(m+1))
-        torch.testing.assert_close(quirk[m], z + math.sqrt(0.5) * cov[y] ** (0.5 ** (m + 1)) * eps[m])
-    full = torch.diag_embed(cov)
-    torch.testing.assert_close(synthesize(z, y, full, 0.5, 3, generator=torch.Generator().manual_seed(9)),
-                               one, rtol=1e-4, atol=1e-4)  # diagonal full matrix = diagonal case (+ jitter)
+        torch.testing.assert_close(quirk[m], z + scale * cov[y] ** (0.5 ** (m + 1)) * eps[m])
+    full, _ = cholesky_factor(torch.diag_embed(cov))
+    torch.testing.assert_close(synthesize(z, y, full, scale, 3, gen(9)), one, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="diagonal"):
-        synthesize(z, y, full, 0.5, 3, official_repeated_sqrt=True)
+        synthesize(z, y, full, scale, 3, repeated_sqrt=True)
 
 
 def test_gradient_flows_to_embeddings_only():
-    cov = torch.rand(3, 4, requires_grad=True)
+    std = torch.rand(3, 4, requires_grad=True)
     z = torch.randn(5, 4, requires_grad=True)
-    out = synthesize(z, torch.tensor([0, 1, 2, 0, 1]), cov, 0.7, 3)
+    out = synthesize(z, torch.tensor([0, 1, 2, 0, 1]), std, 0.7, 3)
     out.sum().backward()
-    assert torch.equal(z.grad, torch.full_like(z, 3.0)) and cov.grad is None
+    assert torch.equal(z.grad, torch.full_like(z, 3.0)) and std.grad is None
 
 
 def test_cholesky_jitter_only_where_needed():
     good = torch.tensor([[2.0, 0.5], [0.5, 1.0]])
     bad = torch.tensor([[1.0, 0.0], [0.0, -1e-4]])  # indefinite: needs δ > 1e-4
-    factor = sampling_factor(torch.stack([good, bad, torch.zeros(2, 2)]), jitter=1e-6)
-    assert isinstance(factor, SamplingFactor) and factor.kind == "full"
-    assert factor.jitter == pytest.approx(1e-3)
-    torch.testing.assert_close(factor.data[0], torch.linalg.cholesky(good + 1e-6 * torch.eye(2)))
-    torch.testing.assert_close(factor.data[1], torch.linalg.cholesky(bad + 1e-3 * torch.eye(2)))
-    torch.testing.assert_close(factor.data[2], torch.eye(2) * 1e-3)
+    factor, jitter = cholesky_factor(torch.stack([good, bad, torch.zeros(2, 2)]), jitter=1e-6)
+    assert jitter == pytest.approx(1e-3)
+    torch.testing.assert_close(factor[0], torch.linalg.cholesky(good + 1e-6 * torch.eye(2)))
+    torch.testing.assert_close(factor[1], torch.linalg.cholesky(bad + 1e-3 * torch.eye(2)))
+    torch.testing.assert_close(factor[2], torch.eye(2) * 1e-3)
     with pytest.raises(ValueError, match="positive definite"):
-        sampling_factor(torch.tensor([[[-5.0]]]), max_tries=3)
+        cholesky_factor(torch.tensor([[[-5.0]]]), max_tries=3)
 
 
 def test_synthesize_rejects_bad_input():
-    cov = torch.ones(2, 3)
+    std = torch.ones(2, 3)
     with pytest.raises(ValueError, match="NaN or Inf"):
-        synthesize(torch.tensor([[float("nan"), 0.0, 0.0]]), torch.tensor([0]), cov, 0.5, 2)
+        synthesize(torch.tensor([[float("nan"), 0.0, 0.0]]), torch.tensor([0]), std, 0.5, 2)
     with pytest.raises(ValueError, match=r"\[0, 2\)"):
-        synthesize(torch.zeros(1, 3), torch.tensor([2]), cov, 0.5, 2)
+        synthesize(torch.zeros(1, 3), torch.tensor([2]), std, 0.5, 2)
     with pytest.raises(ValueError, match="num"):
-        synthesize(torch.zeros(1, 3), torch.tensor([1]), cov, 0.5, 0)
+        synthesize(torch.zeros(1, 3), torch.tensor([1]), std, 0.5, 0)
     on_gpu = types.SimpleNamespace(device=torch.device("cuda", 0))  # stands in for a CUDA generator
     with pytest.raises(ValueError, match="CPU torch.Generator"):
-        synthesize(torch.zeros(1, 3), torch.tensor([1]), cov, 0.5, 2, generator=on_gpu)
+        synthesize(torch.zeros(1, 3), torch.tensor([1]), std, 0.5, 2, generator=on_gpu)
 
 
 def test_draw_seed_is_one_host_draw():
@@ -414,3 +410,88 @@ def test_lambda_schedule():
     assert lambda_schedule(0.5, 2, 5) == 0.5 and lambda_schedule(0.5, 3, 5) == 0.45  # 0.4T, 0.6T exactly
     with pytest.raises(ValueError):
         lambda_schedule(0.5, 1, 0)
+
+
+# ---------------------------------------------------------------- the IAA object
+
+
+def refresh_data(num_classes=12, dim=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(num_classes).repeat_interleave(torch.tensor([1, 5, 3, 2, 8, 1, 7, 2, 4, 12, 4, 6])[:num_classes])
+    return torch.randn(num_classes, dim, generator=g)[y] + 0.4 * torch.randn(len(y), dim, generator=g), y
+
+
+def test_iaa_schedule_follows_the_official_loop():
+    iaa = IAA(10, 4, epochs=100, start_epoch=30, update_every_M_epoch=2, warmup_epoch=1, intra_lamda=0.6)
+    assert [e for e in range(1, 40) if iaa.refresh_due(e)] == [31, 33, 35, 37, 39]
+    assert not iaa.active(33)  # no statistics yet
+    iaa.fold(torch.randn(20, 4), torch.arange(20) % 10)
+    assert [iaa.active(e) for e in (31, 32, 33)] == [False, True, True]  # from start + warmup + 1
+    assert iaa.lam(40) == 0.6 and iaa.lam(41) == pytest.approx(0.54) and iaa.lam(100) == pytest.approx(0.36)
+    assert iaa.synthesize(torch.zeros(2, 4), torch.tensor([0, 1]), 31) is None
+    off = IAA(10, 4, epochs=100, intra=False)
+    assert not any(off.refresh_due(e) for e in range(1, 101))
+
+
+@pytest.mark.parametrize("covariance, limit, form", [("diag", 2.0, "diag"), ("full", 0.0, "full"),
+                                                     ("lowrank", 2.0, "lowrank"), ("auto", 2.0, "full"),
+                                                     ("auto", 1e-9, "lowrank")])
+def test_iaa_resolves_one_covariance_form(covariance, limit, form):
+    iaa = IAA(12, 6, epochs=10, covariance=covariance, dense_full_limit_gib=limit, correction="on", num_neighbor=3)
+    assert iaa.form == form
+    assert isinstance(iaa.statistics, LowRankStatistics if form == "lowrank" else DenseStatistics)
+    x, y = refresh_data()
+    iaa.fold(x, y)
+    factor = iaa.factor
+    if form == "diag":
+        want = neighbor_correction(iaa.statistics.mean, iaa.statistics.covariance(), iaa.statistics.class_size,
+                                   num_neighbors=3).sqrt()
+        torch.testing.assert_close(factor, want)
+    else:  # full and low-rank: the same corrected full covariance (Eq. 16), two representations
+        dense = DenseStatistics(12, 6, "full")
+        dense.update(x, y)
+        want = dense.corrected(num_neighbors=3)
+        got = factor.covariance() if form == "lowrank" else factor @ factor.transpose(1, 2)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_iaa_correction_switches():
+    assert IAA(1001, 2, epochs=1).correction is not None  # auto: on above 1000 classes (official code)
+    assert IAA(1000, 2, epochs=1).correction is None
+    assert IAA(10, 2, epochs=1, correction="on", official_uncorrected_sampling=True).correction is None
+    with pytest.raises(ValueError, match="low-rank"):
+        IAA(10, 2, epochs=1, covariance="lowrank", official_sentinel_normalization=True)
+    with pytest.raises(ValueError, match="diag"):
+        IAA(10, 2, epochs=1, covariance="full", official_repeated_sqrt=True)
+    with pytest.raises(ValueError, match="covariance"):
+        IAA(10, 2, epochs=1, covariance="dense")
+    with pytest.raises(ValueError, match="intra_lamda"):
+        IAA(10, 2, epochs=1, intra_lamda=float("nan"))
+
+
+def test_iaa_synthesize_is_the_kernel_with_its_generator():
+    x, y = refresh_data()
+    iaa = IAA(12, 6, epochs=10, start_epoch=0, intra_lamda=0.7, aug_num=4, seed=5)
+    iaa.fold(x, y)
+    z = torch.randn(8, 6, requires_grad=True)
+    labels = y[:8]
+    out = iaa.synthesize(z, labels, epoch=6)
+    want = synthesize(z, labels, iaa.statistics.covariance().sqrt(), math.sqrt(0.7 * 0.9), 4, gen(5))
+    assert out.shape == (4, 8, 6) and torch.equal(out, want)
+    out.sum().backward()
+    assert torch.equal(z.grad, torch.full_like(z, 4.0))
+
+
+@pytest.mark.parametrize("covariance", ["diag", "full", "lowrank"])
+def test_iaa_state_dict_round_trip(tmp_path, covariance):
+    x, y = refresh_data()
+    iaa = IAA(12, 6, epochs=10, start_epoch=0, covariance=covariance, correction="on", num_neighbor=3, seed=1)
+    iaa.fold(x, y)
+    iaa.synthesize(torch.zeros(3, 6), y[:3], 1)  # advance the generator
+    torch.save(iaa.state_dict(), tmp_path / "iaa.pt")
+    other = IAA(12, 6, epochs=10, start_epoch=0, covariance=covariance, correction="on", num_neighbor=3, seed=2)
+    other.load_state_dict(torch.load(tmp_path / "iaa.pt", weights_only=False))
+    z = torch.randn(3, 6)
+    assert torch.equal(iaa.synthesize(z, y[:3], 2), other.synthesize(z, y[:3], 2))  # same statistics, same noise
+    with pytest.raises(ValueError, match="statistics"):
+        IAA(12, 6, epochs=10, covariance="diag" if covariance != "diag" else "full").load_state_dict(iaa.state_dict())

@@ -28,13 +28,12 @@ from fastiaa.kernels import LowRankFactor
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 interpret = pytest.mark.skipif(not INTERPRET, reason="runs in the TRITON_INTERPRET=1 child process")
 torch_only = pytest.mark.skipif(INTERPRET, reason="PyTorch-only test, runs in the parent process")
+# the backend a test's kernel calls take: Triton in the interpreter child, PyTorch here
+HERE = "triton" if INTERPRET else "torch"
 
 
-@pytest.fixture
-def backend():
-    """Select a backend for one test and restore "auto" afterwards."""
-    yield kernels.set_backend
-    kernels.set_backend("auto")
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -43,7 +42,7 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
 
 
-# ---------------------------------------------------------------- float64 transcription of the spec
+# ---------------------------------------------------------------- float64 transcription of Eq. 7-8
 
 def spec_moments(x: torch.Tensor, labels: torch.Tensor, num_classes: int, full: bool):
     """Spec §3 by the book, one class at a time in float64: count, mean, Σ (x−μ)(x−μ)^T."""
@@ -77,24 +76,21 @@ def odd_problem(num=29, dim=37, num_classes=7, dtype=torch.float32, seed=0):
 # ---------------------------------------------------------------- dispatch
 
 @torch_only
-def test_dispatch_rules(backend):
+def test_dispatch_rules():
     x = torch.zeros(3, 2)
-    assert kernels.get_backend() == "auto"
-    assert not kernels.use_triton(x)  # CPU tensors never go to Triton outside the interpreter
-    backend("triton")
-    assert kernels.get_backend() == "triton" and not kernels.use_triton(x)
-    backend("torch")
-    assert not kernels.use_triton(x)
+    # CPU tensors never go to Triton outside the interpreter
+    assert not any(kernels.use_triton(name, x) for name in ("auto", "triton", "torch"))
     with pytest.raises(ValueError, match="one of"):
-        kernels.set_backend("cuda")
+        kernels.use_triton("cuda", x)
+    with pytest.raises(ValueError, match="one of"):
+        kernels.check_backend("cuda")
 
 
 @interpret
-def test_dispatch_interpreter(backend):
+def test_dispatch_interpreter():
     x = torch.zeros(3, 2)
-    assert not kernels.use_triton(x)  # "auto" keeps CPU tensors on PyTorch
-    backend("triton")
-    assert kernels.use_triton(x)
+    assert not kernels.use_triton("auto", x)  # "auto" keeps CPU tensors on PyTorch
+    assert kernels.use_triton("triton", x) and not kernels.use_triton("torch", x)
 
 
 @torch_only
@@ -104,15 +100,15 @@ def test_imports_and_runs_without_triton():
         "import sys; sys.modules['triton'] = None\n"
         "import torch\n"
         "from fastiaa import kernels\n"
-        "assert not kernels.triton_available() and not kernels.use_triton(torch.zeros(1))\n"
+        "assert not kernels.triton_available() and not kernels.use_triton('auto', torch.zeros(1))\n"
         "try:\n"
-        "    kernels.set_backend('triton')\n"
-        "    raise SystemExit('set_backend(triton) must fail without triton')\n"
-        "except RuntimeError as exc:\n"
+        "    kernels.check_backend('triton')\n"
+        "    raise SystemExit('check_backend(triton) must fail without triton')\n"
+        "except ValueError as exc:\n"
         "    assert '--kernels torch' in str(exc)\n"
         "count, mean, m2 = kernels.class_moments(torch.ones(3, 2), torch.tensor([0, 1, 1]), 2, True)\n"
         "assert count.tolist() == [1, 2] and float(m2.abs().max()) == 0.0\n"
-        "out = kernels.synthesize(torch.zeros(2, 2), torch.tensor([0, 1]), torch.ones(2, 2), 1.0, 3, 0)\n"
+        "out = kernels.synthesize(torch.zeros(2, 2), torch.tensor([0, 1]), torch.ones(2, 2), 1.0, 3)\n"
         "assert out.shape == (3, 2, 2)\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
@@ -134,8 +130,8 @@ def test_triton_kernels_in_interpreter():
 
 # ---------------------------------------------------------------- class moments
 
-def _check_moments(x, labels, num_classes, full, tol=1e-5):
-    count, mean, m2 = kernels.class_moments(x, labels, num_classes, full)
+def _check_moments(x, labels, num_classes, full, tol=1e-5, backend=HERE):
+    count, mean, m2 = kernels.class_moments(x, labels, num_classes, full, backend)
     e_count, e_mean, e_m2 = spec_moments(x, labels, num_classes, full)
     assert count.dtype == torch.int64 and mean.dtype == m2.dtype == torch.float32
     assert torch.equal(count, e_count)
@@ -157,14 +153,12 @@ def test_moments_match_spec_torch(full, dim):
 @interpret
 @pytest.mark.parametrize("full", [False, True])
 @pytest.mark.parametrize("dim", [37, 130])
-def test_moments_triton_match_spec_and_torch(backend, full, dim):
+def test_moments_triton_match_spec_and_torch(full, dim):
     x, labels, c = odd_problem(dim=dim)
-    backend("triton")
     got = _check_moments(x, labels, c, full)
-    again = kernels.class_moments(x, labels, c, full)
+    again = kernels.class_moments(x, labels, c, full, "triton")
     assert all(torch.equal(a, b) for a, b in zip(got, again))  # deterministic, bit for bit
-    backend("torch")
-    ref = kernels.class_moments(x, labels, c, full)
+    ref = kernels.class_moments(x, labels, c, full, "torch")
     assert torch.equal(got[0], ref[0])
     assert rel_err(got[1], ref[1]) < 1e-6 and rel_err(got[2], ref[2]) < 1e-5
     if full:  # the off-diagonal blocks are written once and mirrored: exactly symmetric
@@ -173,36 +167,38 @@ def test_moments_triton_match_spec_and_torch(backend, full, dim):
 
 @interpret
 @pytest.mark.parametrize("full", [False, True])
-def test_moments_triton_one_class_and_low_precision(backend, full):
-    backend("triton")
+def test_moments_triton_one_class_and_low_precision(full):
     x, _, _ = odd_problem(num=21, dim=19)
     _check_moments(x, torch.zeros(21, dtype=torch.int64), 1, full)
-    # bfloat16 input, float32 accumulation: exact against the spec applied to the rounded input
+    # bfloat16 input, float32 accumulation: exact against Eq. 7-8 applied to the rounded input
     x16, labels, c = odd_problem(num=23, dim=19, dtype=torch.bfloat16)
     _check_moments(x16, labels, c, full)
 
 
 @interpret
-def test_moments_triton_reference_module(backend):
-    """The Triton kernel against fastiaa.iaa's own PyTorch class_moments (same contract)."""
-    from fastiaa.iaa import class_moments as reference
+def test_statistics_fold_the_kernel_moments():
+    """DenseStatistics.update with the Triton moments equals the PyTorch path (same contract)."""
+    from fastiaa.iaa import DenseStatistics
 
     x, labels, c = odd_problem(dim=37)
-    ref = reference(x, labels, c, full=True)  # backend "auto": PyTorch on CPU tensors
-    backend("triton")
-    got = reference(x, labels, c, full=True)  # dispatches to the kernel
-    assert torch.equal(got[0], ref[0]) and rel_err(got[1], ref[1]) < 1e-6 and rel_err(got[2], ref[2]) < 1e-5
+    ref, got = DenseStatistics(c, 37, "full"), DenseStatistics(c, 37, "full")
+    ref.update(x, labels, backend="auto")  # "auto": PyTorch for CPU tensors
+    got.update(x, labels, backend="triton")
+    assert torch.equal(got.count, ref.count) and rel_err(got.mean, ref.mean) < 1e-6
+    assert rel_err(got.covariance(), ref.covariance()) < 1e-5
 
 
 @torch_only
 def test_moments_bad_input():
     x = torch.zeros(4, 3)
-    with pytest.raises(ValueError, match="num_classes=2"):
+    with pytest.raises(ValueError, match=r"\[0, 2\)"):
         kernels.class_moments(x, torch.tensor([0, 1, 2, 0]), 2, False)
     with pytest.raises(ValueError, match="one label per embedding"):
         kernels.class_moments(x, torch.tensor([0, 1]), 2, False)
-    with pytest.raises(ValueError, match="int64"):
+    with pytest.raises(ValueError, match="integer"):
         kernels.class_moments(x, torch.zeros(4), 2, False)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        kernels.class_moments(torch.full((4, 3), float("nan")), torch.zeros(4, dtype=torch.long), 2, False)
 
 
 # ---------------------------------------------------------------- synthesis
@@ -236,37 +232,42 @@ def _triton_noise(z_shape, labels, factor_like: LowRankFactor, num, seed):
                               torch.eye(dim), torch.zeros(num_classes), width)
     probe_eps = LowRankFactor(factor_like.rows, factor_like.entry_ptr, factor_like.entry_row,
                               torch.zeros(position.numel()), torch.eye(dim), torch.ones(num_classes), width)
-    eps = kernels.synthesize(zeros, labels, probe_eps, 1.0, num, seed)
-    eta = kernels.synthesize(zeros, labels, probe_eta, 1.0, num, seed)[..., :width]
+    eps = kernels.synthesize(zeros, labels, probe_eps, 1.0, num, gen(seed), backend="triton")
+    eta = kernels.synthesize(zeros, labels, probe_eta, 1.0, num, gen(seed), backend="triton")[..., :width]
     return eps.double(), eta.double()
 
 
 @interpret
-def test_synthesize_triton_exact_all_factor_forms(backend):
+def test_synthesize_triton_exact_all_factor_forms():
     """Every output equals z + scale · L ε (float64) with the kernel's own Philox noise."""
-    backend("triton")
-    gen = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(3)
     num_classes, dim, batch, num, scale = 4, 21, 6, 3, 0.7
-    z = torch.randn(batch, dim, generator=gen)
+    z = torch.randn(batch, dim, generator=g)
     labels = torch.tensor([3, 0, 2, 3, 1, 0])
-    std = torch.rand(num_classes, dim, generator=gen)
-    a = torch.randn(num_classes, dim, dim, generator=gen)
+    std = torch.rand(num_classes, dim, generator=g)
+    a = torch.randn(num_classes, dim, dim, generator=g)
     chol = torch.linalg.cholesky(a @ a.transpose(1, 2) / dim + 0.1 * torch.eye(dim))
 
-    eps = kernels.synthesize(torch.zeros(batch, dim), labels, torch.ones(num_classes, dim), 1.0, num, 11).double()
+    def draw(factor, zz=z, s=scale, **kw):
+        return kernels.synthesize(zz, labels, factor, s, num, gen(11), backend="triton", **kw)
+
+    eps = draw(torch.ones(num_classes, dim), torch.zeros(batch, dim), 1.0).double()
     assert abs(float(eps.mean())) < 0.2 and abs(float(eps.std()) - 1.0) < 0.2  # it is noise
 
-    diag = kernels.synthesize(z, labels, std, scale, num, 11)
+    diag = draw(std)
     assert rel_err(diag, z.double() + scale * std.double()[labels] * eps) < 1e-6
-    full = kernels.synthesize(z, labels, chol, scale, num, 11)
+    quirk = draw(std, repeated_sqrt=True)  # sample m (0-based) uses std^(2^-m)
+    powers = (2.0 ** -torch.arange(num, dtype=torch.float64)).view(-1, 1, 1)
+    assert rel_err(quirk, z.double() + scale * std.double()[labels] ** powers * eps) < 1e-5
+    full = draw(chol)
     expect = z.double() + scale * torch.einsum("bij,mbj->mbi", chol.double()[labels], eps)
     assert rel_err(full, expect) < 1e-5
     # A diagonal Cholesky factor reproduces the diagonal draw: same counters, same ε.
-    assert rel_err(kernels.synthesize(z, labels, torch.diag_embed(std), scale, num, 11), diag) < 1e-6
+    assert rel_err(draw(torch.diag_embed(std)), diag) < 1e-6
 
     low = tiny_lowrank(num_classes, dim)
     eps_l, eta = _triton_noise((batch, dim), labels, low, num, 11)
-    got = kernels.synthesize(z, labels, low, scale, num, 11)
+    got = draw(low)
     start = low.entry_ptr[labels]
     expect = torch.empty(num, batch, dim, dtype=torch.float64)
     for b in range(batch):
@@ -279,23 +280,26 @@ def test_synthesize_triton_exact_all_factor_forms(backend):
 
 
 @interpret
-def test_synthesize_triton_seeded_and_gradient(backend):
-    backend("triton")
-    gen = torch.Generator().manual_seed(4)
-    z = torch.randn(5, 21, generator=gen, requires_grad=True)
+def test_synthesize_triton_seeded_and_gradient():
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(5, 21, generator=g, requires_grad=True)
     labels = torch.tensor([0, 1, 1, 0, 2])
-    std = torch.rand(3, 21, generator=gen)
-    a = kernels.synthesize(z, labels, std, 0.5, 2, 123)
+    std = torch.rand(3, 21, generator=g)
+
+    def draw(source, factor=std):
+        return kernels.synthesize(z, labels, factor, 0.5, 2, source, backend="triton")
+
+    source, replay = gen(123), gen(123)
+    a = draw(source)
     assert a.shape == (2, 5, 21) and a.dtype == z.dtype
-    assert torch.equal(a, kernels.synthesize(z, labels, std, 0.5, 2, 123))
-    assert not torch.equal(a, kernels.synthesize(z, labels, std, 0.5, 2, 124))
-    assert torch.equal(kernels.synthesize(z, labels, std, 0.5, 2, 2**40 + 7),
-                       kernels.synthesize(z, labels, std, 0.5, 2, 2**40 + 7))
-    upstream = torch.randn(2, 5, 21, generator=gen)
+    kernels.draw_seed(replay)
+    assert torch.equal(source.get_state(), replay.get_state())  # one host draw keys the whole launch
+    assert torch.equal(a, draw(gen(123))) and not torch.equal(a, draw(gen(124)))
+    upstream = torch.randn(2, 5, 21, generator=g)
     (a * upstream).sum().backward()
     assert torch.allclose(z.grad, upstream.sum(0))
     chol = torch.diag_embed(std).requires_grad_(True)
-    kernels.synthesize(z, labels, chol, 0.5, 2, 1).sum().backward()
+    draw(gen(1), chol).sum().backward()
     assert chol.grad is None  # the factor gets no gradient
 
 
@@ -306,16 +310,14 @@ def _sample_covariance(samples: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("form", ["diag", "full", "lowrank"])
-def test_synthesize_statistics(backend, form):
+def test_synthesize_statistics(form):
     """Mean z and covariance scale²Σ over many draws (Triton in the child, PyTorch here)."""
-    if INTERPRET:
-        backend("triton")
-    gen = torch.Generator().manual_seed(5)
+    g = torch.Generator().manual_seed(5)
     dim, batch, num, scale = 5, 75, 64, 0.8  # few rows: the interpreter runs one program per row
-    z0 = torch.randn(dim, generator=gen)
+    z0 = torch.randn(dim, generator=g)
     z = z0.expand(batch, dim).contiguous()
     labels = torch.full((batch,), 1)
-    a = torch.randn(2, dim, dim, generator=gen)
+    a = torch.randn(2, dim, dim, generator=g)
     cov = a @ a.transpose(1, 2) / dim + 0.2 * torch.eye(dim)
     if form == "diag":
         factor, sigma = cov.diagonal(dim1=1, dim2=2).sqrt(), torch.diag(cov[1].diagonal())
@@ -324,7 +326,7 @@ def test_synthesize_statistics(backend, form):
     else:
         factor = tiny_lowrank(2, dim, counts=(2, 7))
         sigma = factor.covariance()[1]
-    out = kernels.synthesize(z, labels, factor, scale, num, 9)
+    out = kernels.synthesize(z, labels, factor, scale, num, gen(9), backend=HERE)
     n = num * batch
     spread = math.sqrt(float(sigma.diagonal().max()))
     assert float((out.reshape(-1, dim).double().mean(0) - z0).abs().max()) < 4 * scale * spread / math.sqrt(n)
@@ -333,42 +335,52 @@ def test_synthesize_statistics(backend, form):
 
 
 @torch_only
-def test_synthesize_torch_path(backend):
-    gen = torch.Generator().manual_seed(6)
-    z = torch.randn(4, 6, generator=gen, requires_grad=True)
+def test_synthesize_torch_path():
+    g = torch.Generator().manual_seed(6)
+    z = torch.randn(4, 6, generator=g, requires_grad=True)
     labels = torch.tensor([0, 1, 0, 1])
-    std = torch.rand(2, 6, generator=gen)
-    out = kernels.synthesize(z, labels, std, 0.3, 3, 77)
-    eps = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(77))
+    std = torch.rand(2, 6, generator=g)
+    out = kernels.synthesize(z, labels, std, 0.3, 3, gen(77))
+    eps = torch.randn(3, 4, 6, generator=gen(77))  # CPU tensors: the generator's own stream
     assert torch.allclose(out, z + 0.3 * std[labels] * eps)
     out.sum().backward()
     assert torch.allclose(z.grad, torch.full_like(z, 3.0))
+    low = tiny_lowrank(2, 6, counts=(3, 5))
+    got = kernels.synthesize(z.detach(), labels, low, 0.3, 3, gen(78))
+    replay = gen(78)
+    eps = torch.randn(3, 4, 6, generator=replay)
+    eta = torch.randn(3, 4, 5, generator=replay)  # W = 5 entries: the widest list of the batch
+    for b in range(4):
+        k = int(labels[b])
+        e = torch.arange(int(low.entry_ptr[k]), int(low.entry_ptr[k + 1]))
+        vec = low.rows[low.entry_row[e]] * low.entry_coef[e, None]
+        want = eta[:, b, : e.numel()] @ vec + float(low.global_coef[k]) * eps[:, b] @ low.global_factor.T
+        torch.testing.assert_close(got[:, b], z[b].detach() + 0.3 * want)
     with pytest.raises(ValueError, match="embedding size"):
-        kernels.synthesize(z, labels, torch.rand(2, 5), 0.3, 3, 0)
+        kernels.synthesize(z, labels, torch.rand(2, 5), 0.3, 3)
     with pytest.raises(ValueError, match="num"):
-        kernels.synthesize(z, labels, std, 0.3, 0, 0)
+        kernels.synthesize(z, labels, std, 0.3, 0)
 
 
 # ---------------------------------------------------------------- low-rank full covariance (fastiaa.iaa.lowrank)
 
 def refresh_problem(seed, num_classes=13, dim=6):
     """Embeddings of one refresh: class sizes 0..9 (class 4 absent, classes 1 and 7 singletons)."""
-    gen = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
     sizes = torch.tensor([5, 1, 8, 3, 0, 9, 2, 1, 6, 4, 7, 3, 5])[:num_classes]
     labels = torch.repeat_interleave(torch.arange(num_classes), sizes)
-    labels = labels[torch.randperm(labels.numel(), generator=gen)]
-    centres = torch.randn(num_classes, dim, generator=gen)
-    spread = 0.3 + torch.rand(num_classes, dim, generator=gen)
-    x = centres[labels] + spread[labels] * torch.randn(labels.numel(), dim, generator=gen)
+    labels = labels[torch.randperm(labels.numel(), generator=g)]
+    centres = torch.randn(num_classes, dim, generator=g)
+    spread = 0.3 + torch.rand(num_classes, dim, generator=g)
+    x = centres[labels] + spread[labels] * torch.randn(labels.numel(), dim, generator=g)
     return x, labels, num_classes
 
 
 def _fold_both(max_history=None, refreshes=3):
-    from fastiaa.iaa import ClassStatistics
-    from fastiaa.iaa.lowrank import LowRankStatistics
+    from fastiaa.iaa import DenseStatistics, LowRankStatistics
 
     x, labels, c = refresh_problem(0)
-    dense = ClassStatistics(c, x.shape[1], covariance="full")
+    dense = DenseStatistics(c, x.shape[1], covariance="full")
     low = LowRankStatistics(c, x.shape[1], max_history=max_history)
     for seed in range(refreshes):
         x, labels, _ = refresh_problem(seed)
@@ -380,15 +392,14 @@ def _fold_both(max_history=None, refreshes=3):
 
 @torch_only
 def test_lowrank_fold_equals_dense_fold():
-    dense, low = _fold_both()
-    assert rel_err(low.covariance(), dense.covariance) < 1e-5
-    assert rel_err(low.diagonal(), dense.covariance.diagonal(dim1=1, dim2=2)) < 1e-5
-    assert torch.equal(low.class_size, dense.class_size) and rel_err(low.mean, dense.mean) < 1e-6
-    state = low.state_dict()
-    from fastiaa.iaa.lowrank import LowRankStatistics
+    from fastiaa.iaa import LowRankStatistics
 
+    dense, low = _fold_both()
+    assert rel_err(low.covariance(), dense.covariance()) < 1e-5
+    assert rel_err(low.diagonal(), dense.covariance().diagonal(dim1=1, dim2=2)) < 1e-5
+    assert torch.equal(low.class_size, dense.class_size) and rel_err(low.mean, dense.mean) < 1e-6
     restored = LowRankStatistics(low.num_classes, low.dim)
-    restored.load_state_dict(state)
+    restored.load_state_dict(low.state_dict())
     assert torch.equal(restored.covariance(), low.covariance()) and restored.max_history is None
 
 
@@ -396,10 +407,10 @@ def test_lowrank_fold_equals_dense_fold():
 def test_lowrank_history_truncation_bound():
     """max_history = H drops a PSD remainder of weight <= momentum^H (module doc)."""
     dense, low = _fold_both(max_history=1, refreshes=2)
-    gap = dense.covariance.double() - low.covariance().double()
+    gap = dense.covariance().double() - low.covariance().double()
     assert float(torch.linalg.eigvalsh(gap).min()) > -1e-5        # the kept part never exceeds the fold
     old, _ = _fold_both(refreshes=1)
-    bound = 0.2 * torch.linalg.matrix_norm(old.covariance.double(), ord=2)
+    bound = 0.2 * torch.linalg.matrix_norm(old.covariance().double(), ord=2)
     assert bool((torch.linalg.matrix_norm(gap, ord=2) <= bound + 1e-5).all())
     assert low.rows.shape[0] < _fold_both(refreshes=2)[1].rows.shape[0]
 
@@ -409,104 +420,163 @@ def test_lowrank_inner_products_and_correction_match_reference():
     from fastiaa.iaa import neighbor_correction
 
     dense, low = _fold_both()
-    cov = dense.covariance.double()
+    cov = dense.covariance().double()
     assert rel_err(low.covariance_inner_products(), torch.einsum("iab,jab->ij", cov, cov)) < 1e-5
-    expected = neighbor_correction(dense.mean, dense.covariance, dense.class_size, num_neighbors=4)
+    expected = neighbor_correction(dense.mean, dense.covariance(), dense.class_size, num_neighbors=4)
     factor = low.corrected(num_neighbors=4, jitter=1e-9)
     assert rel_err(factor.covariance(), expected) < 1e-5
     assert factor.covariance()[4].abs().max() == 0  # a class never seen keeps covariance 0
     plain = low.corrected(num_neighbors=4, tau=1)  # α = 0 everywhere: the uncorrected factor
     assert float(plain.global_coef.abs().max()) == 0.0
-    assert rel_err(plain.covariance(), low.factor().covariance()) < 1e-6
-    assert rel_err(low.factor().covariance(), dense.covariance) < 1e-5
+    assert rel_err(plain.covariance(), low.factor(None).covariance()) < 1e-6
+    assert rel_err(low.factor(None).covariance(), dense.covariance()) < 1e-5
     # few-sample classes really were corrected (not a no-op)
     assert rel_err(low.covariance(), expected) > 1e-2
 
 
-@pytest.mark.parametrize("dispatch", ["torch", "triton"])
-def test_lowrank_samples_match_dense_corrected_covariance(backend, dispatch):
-    """Draws from the low-rank factor have the reference's dense corrected covariance."""
-    if (dispatch == "triton") != INTERPRET:
-        pytest.skip("Triton path runs in the interpreter child, PyTorch path in the parent")
+def test_lowrank_samples_match_dense_corrected_covariance():
+    """Draws from the low-rank factor have the reference's dense corrected covariance (both backends)."""
     from fastiaa.iaa import neighbor_correction
 
-    backend(dispatch)
     dense, low = _fold_both()
-    expected = neighbor_correction(dense.mean, dense.covariance, dense.class_size, num_neighbors=4)
+    expected = neighbor_correction(dense.mean, dense.covariance(), dense.class_size, num_neighbors=4)
     factor = low.corrected(num_neighbors=4, jitter=1e-9)
     batch, num, scale = 24, 200, 0.9  # few rows, many samples: the interpreter runs a program per row
     for k in (1, 6):  # a singleton class (α = 1) and a class of 2
         labels = torch.full((batch,), k)
-        out = kernels.synthesize(torch.zeros(batch, low.dim), labels, factor, scale, num, 21 + k)
+        out = kernels.synthesize(torch.zeros(batch, low.dim), labels, factor, scale, num, gen(21 + k), backend=HERE)
         assert rel_err(_sample_covariance(out), scale**2 * expected[k]) < 0.1
 
 
-# ---------------------------------------------------------------- fastiaa.iaa.synthesize on the kernels
+def test_iaa_lowrank_draws_have_the_corrected_covariance():
+    """fastiaa.IAA with the low-rank form: draws with mean z and covariance λ Σ'_k, Σ'_k the dense
+    reference correction (neighbor_correction of the dense fold); one dispatch, either backend."""
+    from fastiaa import IAA
+    from fastiaa.iaa import neighbor_correction
 
-@pytest.mark.parametrize("dispatch", ["torch", "triton"])
-@pytest.mark.parametrize("form", ["diag", "full", "lowrank"])
-def test_iaa_synthesize_keys_the_kernel_with_one_cpu_draw(backend, dispatch, form):
-    """iaa.synthesize = kernels.synthesize(z, y, L, √λ, M, seed), seed = one draw of the CPU
-    generator (Triton: every form; PyTorch: the low-rank factor, which only the kernels sample)."""
-    if (dispatch == "triton") != INTERPRET or (dispatch == "torch" and form != "lowrank"):
-        pytest.skip("Triton path in the interpreter child; on PyTorch only the low-rank factor uses a seed")
-    from fastiaa.iaa import draw_seed, sampling_factor, synthesize
-
-    backend(dispatch)
-    _, low = _fold_both()
-    gen = torch.Generator().manual_seed(4)
-    z = torch.randn(5, low.dim, generator=gen)
-    labels = torch.tensor([1, 6, 0, 6, 12])
-    if form == "lowrank":
-        stats = factor = low.corrected(num_neighbors=4, jitter=1e-9)
-    elif form == "diag":
-        stats = low.diagonal()
-        factor = stats.clamp_min(0.0).sqrt()
-    else:
-        stats = sampling_factor(low.covariance(), jitter=1e-9)
-        factor = stats.data
-    source = torch.Generator().manual_seed(17)
-    out = synthesize(z, labels, stats, 0.6, 3, generator=source)
-    replay = torch.Generator().manual_seed(17)
-    expected = kernels.synthesize(z, labels, factor, math.sqrt(0.6), 3, draw_seed(replay))
-    assert torch.equal(out, expected)
-    assert torch.equal(source.get_state(), replay.get_state())  # exactly one draw taken
-
-
-@pytest.mark.parametrize("dispatch", ["torch", "triton"])
-def test_iaa_synthesize_lowrank_statistics(backend, dispatch):
-    """Draws of iaa.synthesize from LowRankStatistics.corrected(): mean z, covariance λ Σ'_k
-    with Σ'_k the dense reference correction (neighbor_correction of the dense fold)."""
-    if (dispatch == "triton") != INTERPRET:
-        pytest.skip("Triton path runs in the interpreter child, PyTorch path in the parent")
-    from fastiaa.iaa import neighbor_correction, synthesize
-
-    backend(dispatch)
-    dense, low = _fold_both()
-    expected = neighbor_correction(dense.mean, dense.covariance, dense.class_size, num_neighbors=4)[6].double()
-    factor = low.corrected(num_neighbors=4, jitter=1e-9)
-    z0 = torch.linspace(-1.0, 2.0, low.dim)
-    batch, num, lam = 24, 200, 0.64
-    out = synthesize(z0.expand(batch, -1), torch.full((batch,), 6), factor, lam, num,
-                     generator=torch.Generator().manual_seed(8))
-    assert out.shape == (num, batch, low.dim) and out.dtype == torch.float32
+    dense, _ = _fold_both(refreshes=1)
+    x, labels, c = refresh_problem(0)
+    iaa = IAA(c, x.shape[1], epochs=10, start_epoch=0, covariance="lowrank", correction="on", num_neighbor=4,
+              intra_lamda=0.64, aug_num=200, backend=HERE, seed=8)
+    iaa.fold(x, labels)
+    expected = neighbor_correction(dense.mean, dense.covariance(), dense.class_size, num_neighbors=4)[6].double()
+    z0 = torch.linspace(-1.0, 2.0, x.shape[1])
+    batch, lam = 24, 0.64
+    out = iaa.synthesize(z0.expand(batch, -1), torch.full((batch,), 6), epoch=1)
+    assert out.shape == (200, batch, x.shape[1]) and out.dtype == torch.float32
     spread = math.sqrt(lam * float(expected.diagonal().max()))
-    assert float((out.reshape(-1, low.dim).double().mean(0) - z0).abs().max()) < 4 * spread / math.sqrt(num * batch)
+    assert float((out.reshape(-1, x.shape[1]).double().mean(0) - z0).abs().max()) < 4 * spread / math.sqrt(200 * batch)
     assert rel_err(_sample_covariance(out), lam * expected) < 0.1
 
 
 @torch_only
-def test_iaa_synthesize_lowrank_rejects_bad_input():
-    from fastiaa.iaa import synthesize
-
+def test_synthesize_lowrank_rejects_bad_input():
     _, low = _fold_both()
     factor = low.corrected(num_neighbors=4)
     z = torch.zeros(2, low.dim)
     with pytest.raises(ValueError, match="diagonal"):
-        synthesize(z, torch.tensor([0, 1]), factor, 0.5, 2, official_repeated_sqrt=True)
+        kernels.synthesize(z, torch.tensor([0, 1]), factor, 0.5, 2, repeated_sqrt=True)
     with pytest.raises(ValueError, match="dimension"):
-        synthesize(torch.zeros(2, low.dim + 1), torch.tensor([0, 1]), factor, 0.5, 2)
+        kernels.synthesize(torch.zeros(2, low.dim + 1), torch.tensor([0, 1]), factor, 0.5, 2)
     with pytest.raises(ValueError, match=rf"\[0, {low.num_classes}\)"):
-        synthesize(z, torch.tensor([0, low.num_classes]), factor, 0.5, 2)
+        kernels.synthesize(z, torch.tensor([0, low.num_classes]), factor, 0.5, 2)
     with pytest.raises(ValueError, match="num"):
-        synthesize(z, torch.tensor([0, 1]), factor, 0.5, 0)
+        kernels.synthesize(z, torch.tensor([0, 1]), factor, 0.5, 0)
+
+
+@torch_only
+def test_every_launch_runs_under_its_tensors_device(monkeypatch):
+    """A kernel whose tensors sit on cuda:1 launches inside torch.cuda.device(cuda:1), whatever the
+    current device (without it, the first launch on another GPU than the current one fails)."""
+    import contextlib
+
+    from fastiaa.kernels import _dispatch
+
+    class OnSecondGpu(torch.Tensor):
+        @property
+        def device(self):
+            return torch.device("cuda", 1)
+
+    entered, ran = [], []
+
+    @contextlib.contextmanager
+    def device_guard(device):
+        entered.append(device)
+        yield
+        entered.append("exit")
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: ran.append((grid, entered[-1], meta))
+
+    monkeypatch.setattr(torch.cuda, "device", device_guard)
+    _dispatch.launch(Kernel(), (3, 1), 7, torch.zeros(2).as_subclass(OnSecondGpu), BLOCK=4)
+    assert ran == [((3, 1), torch.device("cuda", 1), {"BLOCK": 4})] and entered[-1] == "exit"
+    _dispatch.launch(Kernel(), (1,), torch.zeros(2))  # CPU tensors (the interpreter): no CUDA guard
+    assert ran[-1][1] == "exit"
+
+
+# ---------------------------------------------------------------- compiled kernels on a GPU (pytest -m gpu)
+
+GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("full", [False, True], ids=["diag", "full"])
+def test_gpu_moments_match_float64(full, dtype):
+    x, labels, c = odd_problem(num=200, dim=130, num_classes=7, dtype=dtype)
+    got = kernels.class_moments(x.cuda(), labels.cuda(), c, full, "triton")
+    want = spec_moments(x, labels, c, full)  # the rounded input, float64
+    assert torch.equal(got[0].cpu(), want[0])
+    assert rel_err(got[1].cpu(), want[1]) < 1e-5 and rel_err(got[2].cpu(), want[2]) < 1e-4
+    again = kernels.class_moments(x.cuda(), labels.cuda(), c, full, "triton")
+    assert all(torch.equal(a, b) for a, b in zip(got, again))  # deterministic: no atomics
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("form", ["diag", "full", "lowrank"])
+def test_gpu_synthesis_matches_float64(form, dtype):
+    """z + scale · L ε with the kernel's own noise (read back through probe factors), float64."""
+    g = torch.Generator().manual_seed(3)
+    classes, dim, batch, num, scale = 4, 512, 12, 3, 0.7
+    z = torch.randn(batch, dim, generator=g).to(dtype)
+    labels = torch.randint(0, classes, (batch,), generator=g)
+    std = torch.rand(classes, dim, generator=g)
+    a = torch.randn(classes, dim, dim, generator=g)
+    chol = torch.linalg.cholesky(a @ a.transpose(1, 2) / dim + 0.1 * torch.eye(dim))
+    low = tiny_lowrank(classes, dim, counts=(3, 0, 1, 20))
+
+    def draw(factor, zz):
+        factor = factor.to("cuda") if isinstance(factor, LowRankFactor) else factor.cuda()
+        return kernels.synthesize(zz.cuda(), labels.cuda(), factor, scale, num, gen(11), backend="triton").cpu()
+
+    eps = draw(torch.ones(classes, dim), torch.zeros(batch, dim)).double() / scale
+    zd = z.double()
+    if form == "diag":
+        got, want = draw(std, z), zd + scale * std.double()[labels] * eps
+    elif form == "full":
+        got, want = draw(chol, z), zd + scale * torch.einsum("bij,mbj->mbi", chol.double()[labels], eps)
+    else:
+        got = draw(low, z)
+        width = low.max_entries
+        counts = low.entry_ptr[1:] - low.entry_ptr[:-1]
+        position = torch.arange(int(counts.sum())) - torch.repeat_interleave(low.entry_ptr[:-1], counts)
+        probe = LowRankFactor(torch.eye(dim), low.entry_ptr, position, torch.ones(position.numel()), torch.eye(dim),
+                              torch.zeros(classes), width)
+        eta = draw(probe, torch.zeros(batch, dim)).double()[..., :width] / scale
+        probe_eps = LowRankFactor(low.rows, low.entry_ptr, low.entry_row, torch.zeros(position.numel()),
+                                  torch.eye(dim), torch.ones(classes), width)
+        eps_l = draw(probe_eps, torch.zeros(batch, dim)).double() / scale
+        want = torch.empty(num, batch, dim, dtype=torch.float64)
+        for b in range(batch):
+            k = int(labels[b])
+            e = torch.arange(int(low.entry_ptr[k]), int(low.entry_ptr[k + 1]))
+            vec = low.rows.double()[low.entry_row[e]] * low.entry_coef.double()[e, None]
+            want[:, b] = eta[:, b, : e.numel()] @ vec + float(low.global_coef[k]) * eps_l[:, b] @ low.global_factor.double().T
+        want = zd + scale * want
+    assert got.dtype == dtype and got.shape == (num, batch, dim)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # the output is stored in the embeddings' dtype
+    assert rel_err(got, want) < tol
+    assert abs(float(eps.mean())) < 0.05 and abs(float(eps.std()) - 1.0) < 0.05  # it is standard normal noise

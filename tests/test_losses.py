@@ -1,4 +1,4 @@
-"""fastiaa.losses against per-anchor float64 transcriptions of spec IAA.md §6."""
+"""fastiaa.losses against per-anchor float64 transcriptions of docs/method.md §6."""
 import math
 
 import pytest
@@ -11,7 +11,7 @@ from fastiaa.losses import ContrastiveLoss, MultiSimilarityLoss, TripletLoss
 
 
 def pairs(emb, labels, synthetic):
-    """Per anchor: lists of (similarity tensor) positives and negatives, spec §6 rules."""
+    """Per anchor: lists of (similarity tensor) positives and negatives, docs/method.md §6 rules."""
     b = emb.shape[0]
     cand = emb if synthetic is None else torch.cat([emb, synthetic.reshape(-1, emb.shape[1])])
     cand_labels = labels.repeat(cand.shape[0] // b)
@@ -164,3 +164,50 @@ def test_loss_rejects_mismatched_synthetic():
         MultiSimilarityLoss()(emb, labels, syn[:, :5])
     with pytest.raises(ValueError, match="labels"):
         ContrastiveLoss()(emb, labels[:5])
+
+
+# ---------------------------------------------------------------- IAA with pytorch-metric-learning
+
+
+def readme_example() -> str:
+    """The code block of the README's section on using IAA in one's own training loop."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Use IAA in your own training loop"):]
+    return section[section.index("```python") + len("```python"):section.index("```\n", section.index("```python") + 9)]
+
+
+def test_iaa_pairs_are_the_masks_of_the_losses():
+    from fastiaa.losses import iaa_pairs, pair_masks
+
+    labels = torch.tensor([0, 0, 1, 2, 1, 0])
+    positive, negative = pair_masks(labels, 3)
+    a1, p, a2, n = iaa_pairs(labels, 2)
+    assert torch.equal(positive[a1, p], torch.ones_like(a1, dtype=torch.bool)) and len(a1) == int(positive.sum())
+    assert torch.equal(negative[a2, n], torch.ones_like(a2, dtype=torch.bool)) and len(a2) == int(negative.sum())
+    assert not bool(((p % 6) == a1).any())  # never an anchor's own copy
+    assert len(a1) == 3 * (2 * 3 + 2 * 1)  # 3 blocks; class 0: 3 anchors x 2 others, class 1: 2 x 1
+
+
+def test_readme_example_with_pytorch_metric_learning_matches_fastiaa():
+    """The README's loop runs; on its last batch PML's MultiSimilarityLoss with the IAA pairs equals
+    fastiaa's own MultiSimilarityLoss without mining (value and gradient)."""
+    pytest.importorskip("pytorch_metric_learning")
+    namespace = {}
+    exec(compile(readme_example(), "README.md", "exec"), namespace)
+    model, iaa, loss_fn, x, y, epoch = (namespace[k] for k in ("model", "iaa", "loss_fn", "x", "y", "epoch"))
+    assert namespace["synthetic"] is not None and namespace["loss"].item() > 0  # it trained with IAA
+
+    z = model(x)
+    synthetic = F.normalize(iaa.synthesize(z, y, epoch), dim=-1)
+    anchors = F.normalize(z, dim=-1)
+    blocks = [anchors, *synthetic]
+    from fastiaa.losses import iaa_pairs
+
+    pml = loss_fn(anchors, y, iaa_pairs(y, len(blocks) - 1), torch.cat(blocks), y.repeat(len(blocks)))
+    ours = MultiSimilarityLoss(margin=None)(anchors, y, synthetic)
+    assert pml.item() > 0.1 and pml.item() == pytest.approx(ours.item(), rel=1e-5)
+    g_pml, = torch.autograd.grad(pml, z, retain_graph=True)
+    g_ours, = torch.autograd.grad(ours, z, retain_graph=True)
+    torch.testing.assert_close(g_pml, g_ours, rtol=1e-4, atol=1e-7)

@@ -1,4 +1,4 @@
-"""fastiaa.models: backbones, pooling, embedding head, frozen BatchNorm, weight files (spec §2)."""
+"""fastiaa.models: backbones, pooling, embedding head, frozen BatchNorm, weight files (docs/method.md §2)."""
 
 from __future__ import annotations
 

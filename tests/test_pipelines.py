@@ -1,4 +1,4 @@
-"""fastiaa.pipelines: DALI (CPU backend) against the torchvision reference, the spec §2 crop and flip
+"""fastiaa.pipelines: DALI (CPU backend) against the torchvision reference, the docs/method.md §2 crop and flip
 distributions, sampler order, eval coverage, error messages and memory across epochs."""
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def levels(batches) -> np.ndarray:
     return torch.cat([b.images.float() for b in batches]).double().numpy()
 
 
-# -- spec values --------------------------------------------------------------------------------
+# -- the paper's values -----------------------------------------------------------------------------
 def test_normalizations_follow_spec():
     pixels = torch.tensor([[[[0, 128, 255]]]], dtype=torch.uint8)         # one RGB pixel [1,1,1,3]
     imagenet = core.normalize_nhwc(pixels, NORMALIZATIONS["imagenet"], torch.float32)[0, :, 0, 0].double()

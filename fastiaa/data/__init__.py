@@ -1,4 +1,4 @@
-"""Datasets (spec §1), the balanced batch sampler (spec §2) and the kanji demo data."""
+"""Datasets (docs/method.md §1), the balanced batch sampler (docs/method.md §2) and the kanji demo data."""
 from .check import check_images
 from .datasets import (
     DATASETS, Dataset, DatasetError, DatasetNotFoundError, ImageSet, MalformedDatasetError, load_dataset,

@@ -1,8 +1,8 @@
-"""Readers for the deep-metric-learning datasets of spec §1 in their official on-disk layouts.
+"""Readers for the deep-metric-learning datasets of docs/method.md §1 in their official on-disk layouts.
 
 Every reader parses the dataset's own list files (plain line splitting, no image is opened and no
 per-image file-system call is made), numbers the classes 0..C-1 and splits them into the
-zero-shot train / test halves of spec §1 (train and test classes never overlap).
+zero-shot train / test halves of docs/method.md §1 (train and test classes never overlap).
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ class ImageSet:
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """A dataset with its zero-shot splits and evaluation protocol (spec §1, §2, §8).
+    """A dataset with its zero-shot splits and evaluation protocol (docs/method.md §1, §2, §8).
 
     ``test`` is both query and reference set (cub200, cars196, stanford, kanji); In-Shop has
     ``query`` and ``gallery`` instead, which share one label numbering keyed by item id.
@@ -311,7 +311,7 @@ DATASETS: tuple[str, ...] = tuple(_DATASETS)
 
 
 def load_dataset(name: str, root: str | os.PathLike) -> Dataset:
-    """Read a dataset's split lists from disk (spec §1); images are not opened.
+    """Read a dataset's split lists from disk (docs/method.md §1); images are not opened.
 
     Args:
         name: one of ``DATASETS`` ("cub200", "cars196", "stanford", "inshop", "kanji").

@@ -1,7 +1,7 @@
 """The kanji demo dataset: each character is a class, each type design one image of it.
 
 Glyphs of common kanji (JIS X 0208 level 1 first, then level 2) are drawn by the CJK fonts that
-Debian packages, and written in the Stanford Online Products on-disk format (spec §1), so the
+Debian packages, and written in the Stanford Online Products on-disk format (docs/method.md §1), so the
 SOP reader loads them: thousands of classes with a handful of images each, like SOP.
 """
 from __future__ import annotations
@@ -194,7 +194,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def build_kanji(out: str | os.PathLike, num_classes: int = 2400, fonts: Sequence[str] | None = None,
                 image_size: int = 96, seed: int = 0, install: bool = True) -> Path:
-    """Render the kanji demo dataset in Stanford Online Products format under ``out`` (issue 2, spec §1).
+    """Render the kanji demo dataset in Stanford Online Products format under ``out`` (issue 2, docs/method.md §1).
 
     Characters: kanji drawn (non-empty glyph) by every usable font, ``num_classes`` of them taken
     from JIS X 0208 level 1 (common kanji) before level 2, a seeded choice within a level, kept in

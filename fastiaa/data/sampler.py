@@ -1,4 +1,4 @@
-"""Balanced m-per-class batch sampler (spec §2: m images of each of B/m classes per batch)."""
+"""Balanced m-per-class batch sampler (docs/method.md §2: m images of each of B/m classes per batch)."""
 from __future__ import annotations
 
 from typing import Iterator
@@ -14,8 +14,8 @@ class BalancedBatchSampler:
         batch_size: B, images per batch. When B is not a multiple of m, the last class of each
             batch contributes only the remaining ``B mod m`` images, as the official sampler does
             (the published SOP / In-Shop BN-Inception and ResNet-50 commands use B = 256, m = 3).
-        images_per_class: m (spec §2: 4; 3 for SOP and In-Shop).
-        iterations: batches per epoch (spec §2: min(len(train) // B, 300)).
+        images_per_class: m (docs/method.md §2: 4; 3 for SOP and In-Shop).
+        iterations: batches per epoch (docs/method.md §2: min(len(train) // B, 300)).
         seed: non-negative int; the batches of an epoch are a function of (seed, epoch) only.
 
     Each batch lists its classes one after the other, m dataset indices each. Classes with a

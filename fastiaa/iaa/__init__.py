@@ -1,31 +1,26 @@
-"""IAA, the method in PyTorch (spec IAA.md §3-5): the reference implementation and CPU path.
+"""The method behind :class:`fastiaa.IAA` (docs/method.md §3-5).
 
-* :class:`ClassStatistics` / :func:`class_moments`: per-class means and covariances of the
-  embeddings, folded over refreshes (spec §3).
-* :func:`neighbor_correction` (also ``ClassStatistics.corrected``): covariances of
-  few-sample classes corrected from their nearest classes (spec §4).
-* :class:`LowRankStatistics`: the same with full covariances kept in low-rank form
-  (Stanford Online Products scale); ``.corrected()`` gives a ``fastiaa.kernels.LowRankFactor``.
-* :class:`SamplingFactor`, :func:`sampling_factor`, :func:`synthesize`: synthetic
-  embeddings drawn from N(z, λΣ_y) (spec §5), keyed by a CPU generator (:func:`draw_seed`);
-  :func:`lambda_schedule`: λ over the epochs.
+* :class:`IAA`: the method as one object (statistics, correction, factor, schedules, synthesis).
+* :class:`ClassStatistics`: the protocol of its statistics forms, :class:`DenseStatistics`
+  (diagonal or full ``[C, D, D]``) and :class:`LowRankStatistics` (full, low-rank form).
+* :func:`neighbor_correction`: covariances of few-sample classes corrected from their neighbours.
+* :func:`cholesky_factor`, :func:`lambda_schedule`, :func:`merge_moments`.
 
-CUDA tensors go to the Triton kernels of ``fastiaa.kernels`` (``class_moments``,
-``synthesize``) when its backend selects them; everything else runs the code here.
+Class moments and synthesis themselves are ``fastiaa.kernels.class_moments`` and
+``fastiaa.kernels.synthesize`` (Triton or PyTorch, one dispatch each).
 """
 from .correction import neighbor_correction
 from .lowrank import LowRankStatistics
-from .statistics import ClassStatistics, class_moments
-from .synthesis import SamplingFactor, draw_seed, lambda_schedule, sampling_factor, synthesize
+from .method import IAA, lambda_schedule
+from .statistics import ClassStatistics, DenseStatistics, cholesky_factor, merge_moments
 
 __all__ = [
+    "IAA",
     "ClassStatistics",
-    "class_moments",
-    "neighbor_correction",
+    "DenseStatistics",
     "LowRankStatistics",
-    "SamplingFactor",
-    "sampling_factor",
-    "synthesize",
-    "draw_seed",
+    "cholesky_factor",
     "lambda_schedule",
+    "merge_moments",
+    "neighbor_correction",
 ]

@@ -1,5 +1,5 @@
-"""The neighbour rule of the correction (spec IAA.md §4, paper Eq. 9-15), shared by the dense
-path (:func:`fastiaa.iaa.neighbor_correction`) and the low-rank one
+"""The neighbour rule of the correction (Eq. 9-15 of the paper, docs/method.md §4), shared by the
+dense path (:func:`fastiaa.iaa.neighbor_correction`) and the low-rank one
 (:meth:`fastiaa.iaa.LowRankStatistics.corrected`).
 
 The two differ only in how the covariance distance D_cv is computed, so :func:`neighbor_weights`
@@ -11,12 +11,12 @@ row, and only the few values used are completed. :class:`GramDistances` computes
 from one point per class (``||y||² − 2 x·y``); ``fastiaa.iaa.lowrank`` from precomputed inner
 products.
 
-Conventions (documented choices where the spec leaves room)
+Conventions (documented choices where the paper leaves room)
 -----------------------------------------------------------
 * Candidates of class k: every class j != k with n_j > 1. K is clipped to the number of
   candidates by the caller; among equal mean distances the lower class index wins.
-* d_m and d_cv are min-max normalised over the candidates of row k (spec §4, Eq. 13 as
-  intended); a row whose candidates all lie at the same distance normalises to 0.
+* d_m and d_cv are min-max normalised over the candidates of row k (Eq. 13 as intended,
+  docs/method.md §4); a row whose candidates all lie at the same distance normalises to 0.
 * α_k = 1 / (1 + ln(1 + β(n_k - 1))) for 1 <= n_k < τ, else 0 (classes never seen, n_k = 0,
   keep their covariance).
 """
@@ -26,22 +26,19 @@ import math
 
 import torch
 
-SENTINEL = 1e12  # the official code's exclusion distance (spec §4 quirk (c))
+from fastiaa import memory
 
-# Upper bounds on the elements of one [rows, candidates] block and of the rows of points
-# gathered for one block.
-_BLOCK_ELEMENTS = 1 << 22
-_GATHER_ELEMENTS = 1 << 24
+SENTINEL = 1e12  # the official code's exclusion distance (docs/method.md §4, (c))
 
 
 def check_options(num_neighbors: int, sigma_m: float, sigma_cv: float) -> None:
-    """Raise ValueError unless K >= 0 and σ_m, σ_cv > 0 (spec §4)."""
+    """Raise ValueError unless K >= 0 and σ_m, σ_cv > 0 (Eq. 12-14)."""
     if num_neighbors < 0 or sigma_m <= 0 or sigma_cv <= 0:
         raise ValueError(f"need num_neighbors >= 0 and sigmas > 0, got {num_neighbors}, {sigma_m}, {sigma_cv}")
 
 
 def correction_strength(counts: torch.Tensor, beta: float, tau: float) -> torch.Tensor:
-    """α_k = 1 / (1 + ln(1 + β(n_k − 1))) where 1 <= n_k < τ, else 0 (spec §4, Eq. 15).
+    """α_k = 1 / (1 + ln(1 + β(n_k − 1))) where 1 <= n_k < τ, else 0 (Eq. 15).
 
     Args:
         counts: ``[C]`` integer class sizes n_k.
@@ -100,7 +97,7 @@ def neighbor_weights(
     sigma_cv: float,
     sentinel_normalization: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neighbour classes and weights of the classes ``rows`` (spec §4, Eq. 11-14).
+    """Neighbour classes and weights of the classes ``rows`` (Eq. 11-14).
 
     N_k = the k candidates nearest to k by D_m (never k itself); w_i = n_i exp(−d_m²/(2σ_m²)
     − d_cv²/(2σ_cv²)) with d_m, d_cv min-max normalised over the candidates of row k.
@@ -114,7 +111,7 @@ def neighbor_weights(
         rows: ``[R]`` int64 classes to process.
         k: neighbours per class, 0 <= k <= number of candidates.
         sigma_m, sigma_cv: σ_m, σ_cv > 0.
-        sentinel_normalization: the official row of spec §4 quirk (c): d_m normalised by a
+        sentinel_normalization: the official row (docs/method.md §4, (c)): d_m normalised by a
             maximum of (largest D_m to a non-candidate) + 1e12 and a minimum of 0, d_cv over all
             classes with a minimum of 0. The neighbour choice is unchanged.
 
@@ -132,7 +129,7 @@ def neighbor_weights(
     column_of[cols] = torch.arange(cols.numel(), device=cols.device)
     others = torch.nonzero(~candidate).squeeze(1)
     widest = max(mean_distance.row_elements, cov_distance.row_elements)
-    step = max(1, min(_BLOCK_ELEMENTS // cols.numel(), _GATHER_ELEMENTS // widest))
+    step = max(1, min(memory.block_elements(parts=16) // cols.numel(), memory.block_elements(parts=4) // widest))
     for lo in range(0, num_rows, step):
         r = rows[lo:lo + step]
         h_m, x_m = mean_distance(r)

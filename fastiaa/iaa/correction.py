@@ -1,15 +1,13 @@
-"""Neighbour correction of the class covariances (spec IAA.md §4, paper Eq. 9-16).
+"""Neighbour correction of the class covariances (Eq. 9-16 of the paper, docs/method.md §4).
 
 All classes at once: the two class-by-class distance matrices come from Gram-matrix
 products, one block of rows at a time (never a full ``[C, C]`` matrix), the K nearest
 candidates per row from a batched ``topk``, and the weighted neighbour sums from a batched
-gather. Cost at Stanford Online Products scale (C = 11,318, D = 512, diagonal): two
-``C x C x D`` products (about 130 GFLOP each) plus a few passes over ``[rows, C]`` blocks.
-For full covariances the covariance distance is the Frobenius norm, whose Gram product
-costs ``C^2 D^2`` operations (about 3e16 at SOP scale: a GPU job, hours on a CPU), and the
-working memory is about three times the ``[C, D, D]`` covariance (a centred copy and the
-output; a fourth when some classes are not candidates). Only classes with α_k > 0 are
-processed: with every class at n_k >= τ (CUB, Cars) the call returns a copy at once.
+gather. Cost: two ``C x C x D`` products plus a few passes over ``[rows, C]`` blocks. For full
+covariances the covariance distance is the Frobenius norm, whose Gram product costs ``C² D²``
+operations, and the working memory is about three times the ``[C, D, D]`` covariance (a centred
+copy and the output; a fourth when some classes are not candidates). Only classes with α_k > 0
+are processed: with every class at n_k >= τ (CUB, Cars) the call returns a copy at once.
 
 The neighbour rule and its conventions (candidates, ties, normalisation, α) are those of
 ``fastiaa.iaa._neighbors``, which the low-rank path shares.
@@ -18,10 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from ._neighbors import GramDistances, check_options, correction_strength, neighbor_weights
+from fastiaa import memory
+from fastiaa.kernels import all_finite
 
-# Upper bound on the elements of one gathered block of neighbour covariances.
-_GATHER_ELEMENTS = 1 << 24
+from ._neighbors import GramDistances, check_options, correction_strength, neighbor_weights
 
 
 def neighbor_correction(
@@ -37,7 +35,7 @@ def neighbor_correction(
     official_zero_mean_singletons: bool = False,
     official_sentinel_normalization: bool = False,
 ) -> torch.Tensor:
-    """Neighbour-corrected class covariances (spec §4, Eq. 9-16).
+    """Neighbour-corrected class covariances (Eq. 9-16).
 
     D_m(i, j) = ||μ_i² - μ_j²||₂ (element-wise squares), D_cv(i, j) = ||Σ_i - Σ_j||₂
     (Frobenius for full matrices); N_k = the K candidates nearest to k by D_m;
@@ -50,15 +48,15 @@ def neighbor_correction(
         covariance: ``[C, D]`` (diagonal) or ``[C, D, D]`` (full) class covariances.
         counts: ``[C]`` integer class sizes n_k (samples of the class in the train set).
         num_neighbors: K (official 25).
-        beta, gamma, tau: β (0.1), γ (0.1), τ (40) of spec §4.
+        beta, gamma, tau: β (0.1), γ (0.1), τ (40) of Eq. 15-16.
         sigma_m, sigma_cv: σ_m, σ_cv (1.0).
         official_zero_mean_singletons: treat single-sample classes as the official code
             does (its large-dataset path never updates them): mean and covariance 0, so
-            they pick neighbours by distance from a zero mean (spec §4 quirk (b)).
+            they pick neighbours by distance from a zero mean (docs/method.md §4, (b)).
         official_sentinel_normalization: min-max normalise each row over all C classes as
             the official code does: the mean-distance row holds the 1e12 sentinel for the
             class itself and single-sample classes (so normalised d_m ≈ 0), the covariance
-            row includes them too (spec §4 quirk (c)). The neighbour choice is unchanged.
+            row includes them too (docs/method.md §4, (c)). The neighbour choice is unchanged.
 
     Returns:
         float32 tensor shaped like ``covariance``.
@@ -78,7 +76,7 @@ def neighbor_correction(
     if tuple(counts.shape) != (num_classes,):
         raise ValueError(f"counts must be [{num_classes}], got {list(counts.shape)}")
     check_options(num_neighbors, sigma_m, sigma_cv)
-    if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(covariance).all())):
+    if not (all_finite(mean) and all_finite(covariance)):
         raise ValueError("class means / covariances contain NaN or Inf values")
     device = mean.device
     counts = counts.to(device, torch.int64)
@@ -109,7 +107,7 @@ def neighbor_correction(
     )
 
     out = cov.clone()
-    step = max(1, _GATHER_ELEMENTS // max(1, k * cov.shape[1]))
+    step = max(1, memory.block_elements(parts=4) // max(1, k * cov.shape[1]))
     for lo in range(0, rows.numel(), step):
         r = rows[lo:lo + step]
         w = weight[lo:lo + step]

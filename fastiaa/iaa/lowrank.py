@@ -8,11 +8,11 @@ Cholesky per class. Here a class covariance is kept exactly as a sum of rank-one
 where the rows v_r are the class's centred embeddings of each refresh (ω² = w / n_new)
 plus one row per refresh for the spread of the running mean (v = μ_old − μ_new,
 ω² = w(1 − w)); older rows are rescaled by √(1 − w) at every refresh. This is the
-parallel-variance fold of spec §3 term by term:
+parallel-variance fold of docs/method.md §3 term by term:
 
     Σ ← (1 − w) Σ + w Σ_new + w (1 − w)(μ − μ_new)(μ − μ_new)ᵀ,  Σ_new = (1/n) Σ_i x̃_i x̃_iᵀ.
 
-The neighbour-corrected covariance of spec §4,
+The neighbour-corrected covariance of Eq. 16 (docs/method.md §4),
 
     Σ'_k = (1 − α_k) Σ_k + α_k (1 − γ) Σ_j (w_kj / W_k) Σ_j + α_k γ Σ_global,
 
@@ -26,13 +26,10 @@ with G the Cholesky factor of Σ_global + δI. :meth:`LowRankStatistics.correcte
 this as a :class:`fastiaa.kernels.LowRankFactor`, which ``fastiaa.kernels.synthesize``
 samples in one launch.
 
-Memory (SOP, D = 512, float32): rows 4·R·D bytes with R = N + C per kept refresh
-(first refresh: R = 59,551 → 122 MB; each later refresh adds 59,551 + 11,318 rows,
-145 MB, until ``max_history`` refreshes are kept), the global factor 1 MB, the factor's
-entry lists 12 bytes × (K + 1) · rows-per-class · C ≈ 19 MB per kept refresh, the class
-means / diagonal statistics 2 × 23 MB, and during :meth:`corrected` a weighted copy of the
-rows, the symmetric C × C matrix of covariance inner products (512 MB) and 64 MB work
-blocks (measured peak at SOP scale, R = 130,420 rows: 1.4 GB above the inputs).
+Memory: the rows take 4·R·D bytes (R = N + C per kept refresh, N the train images), the factor's
+entry lists 12 bytes per entry ((K + 1) · rows per class · C entries), and :meth:`corrected`
+briefly a weighted copy of the rows, the symmetric C × C matrix of covariance inner products and
+work blocks within the budget of ``fastiaa.memory`` (bench/RESULTS.md has the SOP figures).
 
 Momentum fold with ``max_history = H``: only the rows of the latest H refreshes that
 contained a class are kept. The rows dropped carry the weight Π (1 − w) ≤ momentum^H of
@@ -42,36 +39,33 @@ the kept Σ_k is the exact fold minus that positive semi-definite remainder;
 
 Covariance distance: D_cv(i, j)² = ‖Σ_i‖² + ‖Σ_j‖² − 2⟨Σ_i, Σ_j⟩ (Frobenius), with
 ⟨Σ_i, Σ_j⟩ = Σ_{a∈i, b∈j} (ω_a ω_b v_a·v_b)²: one R × R × D Gram product (half of it, by
-symmetry), squared and summed per class pair, instead of the dense C² D² product
-(3.6 TFLOP instead of 3.4e16 FLOP at SOP scale).
+symmetry), squared and summed per class pair, instead of the dense C² D² product.
 """
 from __future__ import annotations
 
 import torch
 
+from fastiaa import distributed, kernels, memory
+from fastiaa.distributed import World
 from fastiaa.kernels import LowRankFactor
 
 from ._neighbors import GramDistances, check_options, correction_strength, neighbor_weights
-from .statistics import ClassStatistics, check_embeddings, class_moments
-from .synthesis import sampling_factor
-
-# Upper bound on the elements of one temporary [rows, R] block of row inner products.
-_BLOCK_ELEMENTS = 1 << 24
+from .statistics import DenseStatistics, cholesky_factor
 
 
 class LowRankStatistics:
-    """Running class means and full covariances, the covariances in low-rank form.
+    """Running class means and full covariances, the covariances in low-rank form (module doc).
+    A :class:`fastiaa.iaa.ClassStatistics`.
 
     Args:
-        num_classes: C.
-        dim: D.
-        momentum: as :class:`ClassStatistics` (fold weight w >= 1 − momentum).
-        max_history: refreshes of rows kept per class (None: all, exact; see module doc).
+        num_classes: C. dim: D.
+        momentum: as :class:`DenseStatistics` (fold weight w >= 1 − momentum).
+        max_history: refreshes of rows kept per class (None: all, exact; see the module doc).
         device: where everything lives.
 
     Attributes:
-        stats: a diagonal :class:`ClassStatistics` holding ``mean`` [C, D], ``count`` [C]
-            (n_seen), ``class_size`` [C] (n_k of the latest refresh) and the diagonal of Σ.
+        diagonal_statistics: a diagonal :class:`DenseStatistics` holding ``mean`` [C, D], ``count``
+            [C] (n_seen), ``class_size`` [C] (n_k of the latest refresh) and the diagonal of Σ.
         rows: [R, D] float32 centred embeddings / mean shifts, sorted by class.
         row_class: [R] int64; row_weight: [R] float32 ω_r; row_age: [R] int64 refreshes of
             its class since the row was added; row_ptr: [C + 1] int64 offsets of each class.
@@ -81,9 +75,9 @@ class LowRankStatistics:
                  device: torch.device | str | None = None) -> None:
         if max_history is not None and max_history < 1:
             raise ValueError(f"max_history must be >= 1 or None (keep all), got {max_history}")
-        self.stats = ClassStatistics(num_classes, dim, "diag", momentum, device)
+        self.diagonal_statistics = DenseStatistics(num_classes, dim, "diag", momentum, device)
         self.max_history = max_history
-        device = self.stats.device
+        device = self.diagonal_statistics.device
         self.rows = torch.zeros(0, dim, device=device)
         self.row_class = torch.zeros(0, dtype=torch.int64, device=device)
         self.row_weight = torch.zeros(0, device=device)
@@ -92,42 +86,54 @@ class LowRankStatistics:
 
     @property
     def num_classes(self) -> int:
-        return self.stats.num_classes
+        return self.diagonal_statistics.num_classes
 
     @property
     def dim(self) -> int:
-        return self.stats.dim
+        return self.diagonal_statistics.dim
 
     @property
     def mean(self) -> torch.Tensor:
-        return self.stats.mean
+        return self.diagonal_statistics.mean
+
+    @property
+    def count(self) -> torch.Tensor:
+        return self.diagonal_statistics.count
 
     @property
     def class_size(self) -> torch.Tensor:
-        return self.stats.class_size
+        return self.diagonal_statistics.class_size
 
     def memory_bytes(self) -> int:
         """Bytes held by the rows and their bookkeeping (not the diagonal statistics)."""
         return sum(t.numel() * t.element_size()
                    for t in (self.rows, self.row_class, self.row_weight, self.row_age, self.row_ptr))
 
-    def update(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        """Fold a refresh: ``embeddings`` [N, D] (any float dtype) with ``labels`` [N] (spec §3).
+    def update(self, embeddings: torch.Tensor, labels: torch.Tensor, world: World | None = None,
+               backend: str = "auto") -> None:
+        """Fold one refresh (docs/method.md §3): this process's ``embeddings`` [N, D] (any float
+        dtype) with ``labels`` [N]. The rows are the embeddings themselves, so every rank gathers
+        those of all ranks first (in rank order: the same rows on every rank).
 
         Raises:
-            ValueError: as :meth:`ClassStatistics.update` (shapes, label range, NaN / Inf).
+            ValueError: as :meth:`DenseStatistics.update` (shapes, label range, NaN / Inf).
         """
-        check_embeddings(embeddings, labels, self.num_classes)
-        if embeddings.shape[1] != self.dim:
+        if embeddings.dim() == 2 and embeddings.shape[1] != self.dim:
             raise ValueError(f"embeddings have dimension {embeddings.shape[1]}, the statistics {self.dim}")
+        device = self.rows.device
+        embeddings, labels = embeddings.to(device), labels.to(device)
+        if world is not None:
+            embeddings = distributed.all_gather_varsize(embeddings, world)
+            labels = distributed.all_gather_varsize(labels, world)
+        count, mean_new, m2 = kernels.class_moments(embeddings, labels, self.num_classes, False, backend)
         labels = labels.long()
-        count, mean_new, m2 = class_moments(embeddings, labels, self.num_classes, full=False)
+        stats = self.diagonal_statistics
         n_new = count.double()
         present = count > 0
-        w = (n_new / (n_new + self.stats.count.double()).clamp_min(1.0)).clamp_min(1.0 - self.stats.momentum)
+        w = (n_new / (n_new + stats.count.double()).clamp_min(1.0)).clamp_min(1.0 - stats.momentum)
         w = torch.where(present, w, torch.ones_like(w))
-        shift = self.stats.mean - mean_new  # μ_old − μ_new, before the fold
-        self.stats.update_from_moments(count, mean_new, m2)
+        shift = stats.mean - mean_new  # μ_old − μ_new, before the fold
+        stats.fold(count, mean_new, m2)
 
         old_scale = torch.where(present, (1.0 - w).sqrt(), torch.ones_like(w)).float()
         weight = torch.cat([
@@ -136,10 +142,9 @@ class LowRankStatistics:
             (w * (1.0 - w)).sqrt().float(),
         ])
         age = torch.cat([self.row_age + present[self.row_class].long(),
-                         torch.zeros(labels.numel() + self.num_classes, dtype=torch.int64, device=labels.device)])
+                         torch.zeros(labels.numel() + self.num_classes, dtype=torch.int64, device=device)])
         rows = torch.cat([self.rows, embeddings.float() - mean_new[labels], shift.float()])
-        row_class = torch.cat([self.row_class, labels,
-                               torch.arange(self.num_classes, device=labels.device)])
+        row_class = torch.cat([self.row_class, labels, torch.arange(self.num_classes, device=device)])
         keep = weight > 0
         if self.max_history is not None:
             keep &= age < self.max_history
@@ -147,23 +152,26 @@ class LowRankStatistics:
         order = keep[torch.argsort(row_class[keep], stable=True)]
         self.rows, self.row_class = rows[order], row_class[order]
         self.row_weight, self.row_age = weight[order], age[order]
-        self.row_ptr = torch.cat([self.row_ptr[:1], torch.bincount(self.row_class, minlength=self.num_classes).cumsum(0)])
+        self.row_ptr = torch.cat([self.row_ptr[:1],
+                                  torch.bincount(self.row_class, minlength=self.num_classes).cumsum(0)])
 
-    def factor(self) -> LowRankFactor:
-        """The uncorrected Σ_k as a sampling factor: each class's own rows, no global part
-        (for sampling without the neighbour correction)."""
-        zeros = torch.zeros(self.dim, self.dim, device=self.rows.device)
+    def factor(self, correction: dict | None) -> LowRankFactor:
+        """The sampling factor: :meth:`corrected` with the ``correction`` options, or (None) each
+        class's own rows and no global part (Σ_k uncorrected)."""
+        if correction is not None:
+            return self.corrected(**correction)
+        device = self.rows.device
         counts = self.row_ptr[1:] - self.row_ptr[:-1]
-        return LowRankFactor(self.rows, self.row_ptr, torch.arange(self.rows.shape[0], device=self.rows.device),
-                             self.row_weight, zeros, torch.zeros(self.num_classes, device=self.rows.device),
-                             int(counts.max()) if counts.numel() else 0)
+        return LowRankFactor(self.rows, self.row_ptr, torch.arange(self.rows.shape[0], device=device),
+                             self.row_weight, torch.zeros(self.dim, self.dim, device=device),
+                             torch.zeros(self.num_classes, device=device), int(counts.max()) if counts.numel() else 0)
 
     def covariance(self, classes: torch.Tensor | None = None) -> torch.Tensor:
         """Dense Σ_k [k, D, D] float32 for ``classes`` (default all). Small problems only."""
-        return self.factor().covariance(classes)
+        return self.factor(None).covariance(classes)
 
     def diagonal(self) -> torch.Tensor:
-        """diag Σ_k [C, D] float32 from the rows (equals ``stats.covariance`` when nothing was dropped)."""
+        """diag Σ_k [C, D] float32 from the rows (equals the diagonal statistics when nothing was dropped)."""
         scaled = self.rows * self.row_weight[:, None]
         return torch.zeros(self.num_classes, self.dim, device=self.rows.device).index_add_(
             0, self.row_class, scaled * scaled)
@@ -171,9 +179,9 @@ class LowRankStatistics:
     def covariance_inner_products(self) -> torch.Tensor:
         """⟨Σ_i, Σ_j⟩ (Frobenius) for all class pairs: [C, C] float32, symmetric.
 
-        Blocks of whole classes against the rows of the classes from the block on
-        (upper triangle): (U_I U_{≥I}ᵀ)² summed per class pair, mirrored. Memory: [C, C]
-        plus one block of at most 2²⁴ elements.
+        Blocks of whole classes against the rows of the classes from the block on (upper
+        triangle): (U_I U_{≥I}ᵀ)² summed per class pair, mirrored. Memory: [C, C] plus blocks
+        within the working-memory budget.
         """
         num_classes = self.num_classes
         scaled = self.rows * self.row_weight[:, None]
@@ -182,7 +190,7 @@ class LowRankStatistics:
         lo = 0
         while lo < num_classes:
             r0 = int(self.row_ptr[lo])
-            budget = max(1, _BLOCK_ELEMENTS // max(1, total - r0))
+            budget = max(1, memory.block_elements(parts=4) // max(1, total - r0))
             hi = int(torch.searchsorted(self.row_ptr, self.row_ptr[lo] + budget, right=True)) - 1
             hi = min(max(hi, lo + 1), num_classes)
             r1 = int(self.row_ptr[hi])
@@ -199,12 +207,12 @@ class LowRankStatistics:
 
     def corrected(self, num_neighbors: int = 25, beta: float = 0.1, gamma: float = 0.1, tau: float = 40,
                   sigma_m: float = 1.0, sigma_cv: float = 1.0, jitter: float = 1e-6) -> LowRankFactor:
-        """Neighbour-corrected covariances (spec §4, Eq. 9-16) as a sampling factor.
+        """Neighbour-corrected covariances (Eq. 9-16) as a sampling factor.
 
-        Same rule and conventions as :func:`fastiaa.iaa.neighbor_correction` (paper
-        behaviour, Frobenius covariance distance; the official-code switches are not
-        offered here), with n_k = ``stats.class_size``. The global part is factored once,
-        ``sampling_factor`` of Σ_global (its jitter δ, absolute, adds α_k γ δ I to Σ'_k).
+        Same rule and conventions as :func:`fastiaa.iaa.neighbor_correction` (paper behaviour,
+        Frobenius covariance distance; the official-code switches are not offered here), with
+        n_k = :attr:`class_size`. The global part is factored once (:func:`cholesky_factor` of
+        Σ_global; its jitter δ, absolute, adds α_k γ δ I to Σ'_k).
 
         Returns:
             :class:`fastiaa.kernels.LowRankFactor` with LLᵀ = Σ'_k (+ α_k γ δ I).
@@ -221,8 +229,7 @@ class LowRankStatistics:
         class_weight = torch.where(candidate, n, torch.zeros_like(n))
         total = class_weight.sum()
         scaled = self.rows * (self.row_weight * (class_weight / total.clamp_min(1.0)).sqrt()[self.row_class])[:, None]
-        glob = scaled.T @ scaled
-        global_factor = sampling_factor(glob[None], jitter=jitter).data[0]
+        global_factor = cholesky_factor((scaled.T @ scaled)[None], jitter=jitter)[0][0]
 
         k = min(int(num_neighbors), int(candidate.sum()))
         index = torch.zeros((num_classes, k), dtype=torch.int64, device=device)
@@ -257,8 +264,8 @@ class LowRankStatistics:
 
     def state_dict(self) -> dict:
         """Tensors and settings for a checkpoint."""
-        return {"stats": self.stats.state_dict(), "max_history": self.max_history, "rows": self.rows.clone(),
-                "row_class": self.row_class.clone(), "row_weight": self.row_weight.clone(),
+        return {"stats": self.diagonal_statistics.state_dict(), "max_history": self.max_history,
+                "rows": self.rows.clone(), "row_class": self.row_class.clone(), "row_weight": self.row_weight.clone(),
                 "row_age": self.row_age.clone(), "row_ptr": self.row_ptr.clone()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -267,9 +274,9 @@ class LowRankStatistics:
         Raises:
             ValueError: the checkpoint has another number of classes or embedding size.
         """
-        self.stats.load_state_dict(state["stats"])
+        self.diagonal_statistics.load_state_dict(state["stats"])
         self.max_history = state["max_history"]
-        device = self.stats.device
+        device = self.diagonal_statistics.device
         for name in ("rows", "row_class", "row_weight", "row_age", "row_ptr"):
             setattr(self, name, state[name].to(device).clone())
 

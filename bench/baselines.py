@@ -1,38 +1,46 @@
-"""The authors' training loop, re-implemented from the spec (IAA.md §2-8) as the baseline of
-bench_train.py: the same method, computed the way the official code is structured.
+"""The authors' algorithms, re-implemented from docs/method.md (§2-8) as the baselines of the
+benchmarks: the same method, computed the way the official code is structured. Nothing here is
+used by fastiaa; bench/ scripts time these against fastiaa in the same run.
 
-  loader      PIL + a torchvision Compose per sample (Resize, RandomResizedCrop, flip, ToTensor,
-              Normalize; BN-Inception: BGR, x255, mean subtraction) in DataLoader workers,
-              default collate: float32, channels-first (spec §2)
-  model       the same fastiaa backbone and head, float32, channels-first, no autocast
-  estimator   bench_estimator.AuthorsLoops: a Python loop over classes for the statistics fold
-              and another for the neighbour correction (spec §3-4); refreshed over the train set
-              with the train transform, as the official code does
-  synthesis   a Python loop over the M samples, each z + sqrt(λ) Σ^(1/2) ε (spec §5; the paper's
-              Σ^(1/2) for every sample, so the result matches fastiaa's default)
-  loss        Multi-Similarity written as the official code writes it: a Python loop over anchors,
-              boolean indexing of one similarity row at a time (spec §6)
-  optimiser   torch.optim.Adam with its default implementation
-  evaluation  chunked similarity + top-k on the device, then a Python loop per query for MAP@R
-              and R-Precision (spec §8)
+  images      AuthorsTransform + AuthorsImages: PIL + a torchvision transform per sample
+              (Resize, RandomResizedCrop, flip, ToTensor, Normalize; BN-Inception: BGR, x255,
+              mean subtraction) in DataLoader workers, default collate: float32, channels-first
+              (docs/method.md §2)
+  estimator   AuthorsDense, the official small-dataset estimator: one-hot expansion of the
+              embeddings to [N, C, D], sums over N, parallel-variance fold (diagonal);
+              AuthorsLoops, the official large-dataset path: a Python loop over classes for the
+              statistics fold and another for the neighbour correction (docs/method.md §3-4)
+  synthesis   synthesize_loop: a Python loop over the M samples, each z + sqrt(λ) Σ^(1/2) ε
+              (docs/method.md §5; the paper's Σ^(1/2) for every sample, so the result matches
+              fastiaa's default)
+  loss        ms_loss_loop: Multi-Similarity written as the official code writes it, a Python
+              loop over anchors, boolean indexing of one similarity row at a time (docs/method.md §6)
+  evaluation  authors_retrieval: chunked similarity + top-k on the device, then a Python loop per
+              query for MAP@R and R-Precision (docs/method.md §8)
+  training    AuthorsTrainer: the loop of bench_train over fastiaa's data and model definitions,
+              float32, channels-first, no autocast, torch.optim.Adam with its default
+              implementation; the estimator (AuthorsLoops) is refreshed over the train set with
+              the train transform, as the official code does
 
-Nothing here is used by fastiaa; tests/test_bench_train.py checks that the loop-based loss
-equals fastiaa.losses.MultiSimilarityLoss on the same batch.
+Both estimators follow fastiaa's (paper) conventions so that results can be compared: min-max
+over the candidate classes (docs/method.md §4, official-code difference (c) off).
+tests/test_bench_train.py checks that the loop-based loss, synthesis and retrieval compute what
+fastiaa computes.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_estimator import AuthorsLoops  # noqa: E402
+# the official settings (docs/method.md §3-4): fold momentum, K neighbours, β, γ, τ
+MOMENTUM, NEIGHBORS, BETA, GAMMA, TAU = 0.2, 25, 0.1, 0.1, 40
 
+
+# ------------------------------------------------------------------ images
 
 class AuthorsTransform:
     """Per-sample torchvision transform of the official code for one backbone input space.
@@ -41,6 +49,9 @@ class AuthorsTransform:
     RandomHorizontalFlip; eval: Resize((s, s)) -> CenterCrop(crop). Then ToTensor (RGB [0, 1]),
     for BN-Inception BGR order and x255, then Normalize(mean, std) of ``normalization``
     (a fastiaa.pipelines.Normalization). Output: float32 [3, crop, crop], channels-first.
+
+    bench_train builds it per backbone; bench_pipeline uses the fixed train transform
+    ``AuthorsTransform(NORMALIZATIONS["imagenet"], True, 256, 224)`` (docs/method.md §2).
     """
 
     def __init__(self, normalization, train: bool, resize_size: int, crop_size: int):
@@ -67,7 +78,9 @@ class AuthorsTransform:
 
 
 class AuthorsImages(torch.utils.data.Dataset):
-    """Item i -> (float32 [3, crop, crop] image, int label): PIL open + ``AuthorsTransform``."""
+    """The authors' style of dataset over a fastiaa.data.ImageSet: item i -> (float32
+    [3, crop, crop] image, int label), PIL open + convert("RGB") + ``transform`` (an
+    ``AuthorsTransform``), for a DataLoader with the default collate."""
 
     def __init__(self, images, transform: AuthorsTransform):
         self.images, self.transform = images, transform
@@ -82,9 +95,109 @@ class AuthorsImages(torch.utils.data.Dataset):
             return self.transform(im.convert("RGB")), int(self.images.labels[i])
 
 
+# ------------------------------------------------------------------ estimator
+
+class AuthorsDense:
+    """Official small-dataset estimator (diagonal, Eq. 7-8, docs/method.md §3): one-hot
+    expansion of the embeddings to [N, C, D], sums over N, parallel-variance fold.
+    ``ave`` [C, D] means, ``cov`` [C, D] diagonal covariances, ``amount`` [C] samples folded."""
+
+    def __init__(self, num_classes: int, dim: int):
+        self.ave = torch.zeros(num_classes, dim)
+        self.cov = torch.zeros(num_classes, dim)
+        self.amount = torch.zeros(num_classes)
+
+    def update(self, features, labels):
+        n, d = features.shape
+        c = self.ave.shape[0]
+        onehot = torch.zeros(n, c).scatter_(1, labels.view(-1, 1), 1)
+        onehot_ncd = onehot.view(n, c, 1).expand(n, c, d)
+        by_class = features.view(n, 1, d).expand(n, c, d).mul(onehot_ncd)
+        amount = onehot_ncd.sum(0)
+        amount[amount == 0] = 1
+        ave = by_class.sum(0) / amount
+        var = (by_class - ave.expand(n, c, d).mul(onehot_ncd)).pow(2).sum(0) / amount
+        n_new = onehot.sum(0).view(c, 1).expand(c, d)
+        w = n_new / (n_new + self.amount.view(c, 1).expand(c, d))
+        w[w != w] = 0
+        w = torch.where(n_new > 0, w.clamp_min(1 - MOMENTUM), w)
+        extra = w * (1 - w) * (self.ave - ave).pow(2)
+        self.cov = self.cov * (1 - w) + var * w + extra
+        self.ave = self.ave * (1 - w) + ave * w
+        self.amount += onehot.sum(0)
+
+
+class AuthorsLoops:
+    """Official large-dataset path (diagonal covariance): a Python loop over classes for the
+    statistics fold (Eq. 7-8, docs/method.md §3) and another for the neighbour correction
+    (Eq. 9-16, docs/method.md §4). ``ave``, ``cov``, ``amount`` as AuthorsDense; ``size`` [C]
+    the class sizes of the latest refresh (n_k)."""
+
+    def __init__(self, num_classes: int, dim: int, device=None):
+        self.ave = torch.zeros(num_classes, dim, device=device)
+        self.cov = torch.zeros(num_classes, dim, device=device)
+        self.amount = torch.zeros(num_classes, device=device)
+        self.size = torch.zeros(num_classes, dtype=torch.int64, device=device)
+
+    def update(self, features, labels):
+        for k in range(self.ave.shape[0]):
+            f = features[labels == k]
+            n = f.shape[0]
+            if n == 0:
+                continue
+            mu = f.mean(0)
+            var = (f - mu).pow(2).mean(0)
+            w = max(n / (n + float(self.amount[k])), 1 - MOMENTUM)
+            self.cov[k] = (1 - w) * self.cov[k] + w * var + w * (1 - w) * (self.ave[k] - mu).pow(2)
+            self.ave[k] = (1 - w) * self.ave[k] + w * mu
+            self.amount[k] += n
+            self.size[k] = n
+
+    def distances(self):
+        mean_sq = self.ave**2
+        return torch.cdist(mean_sq, mean_sq), torch.cdist(self.cov, self.cov)
+
+    def corrected(self, row_distances: bool = False, classes=None):
+        """Corrected covariances [C, D] (classes not corrected keep theirs). row_distances: each
+        class's distance rows computed inside the loop, as the official code does, instead of two
+        cdist matrices up front; classes: the classes to correct (default all). Sets
+        ``loop_seconds``, the time of the per-class loop alone."""
+        size = self.size.float()
+        cand = self.size > 1
+        glob = (size[cand, None] * self.cov[cand]).sum(0) / size[cand].sum()
+        mean_sq = self.ave**2
+        if not row_distances:
+            dist_m, dist_cv = self.distances()
+        out = self.cov.clone()
+        start = time.perf_counter()
+        for k in range(self.ave.shape[0]) if classes is None else classes:
+            n = int(self.size[k])
+            if not 1 <= n < TAU:
+                continue
+            alpha = 1 / (1 + math.log(1 + BETA * (n - 1)))
+            if row_distances:
+                row_m = (mean_sq - mean_sq[k]).norm(dim=1)
+                row_cv = (self.cov - self.cov[k]).norm(dim=1)
+            else:
+                row_m, row_cv = dist_m[k], dist_cv[k]
+            mask = cand.clone()
+            mask[k] = False
+            idx = row_m.masked_fill(~mask, 1e12).topk(NEIGHBORS, largest=False).indices
+            m_c, cv_c = row_m[mask], row_cv[mask]
+            dm = (row_m[idx] - m_c.min()) / (m_c.max() - m_c.min())
+            dcv = (row_cv[idx] - cv_c.min()) / (cv_c.max() - cv_c.min())
+            w = size[idx] * torch.exp(-dm**2 / 2 - dcv**2 / 2)
+            neighbor = (w[:, None] * self.cov[idx]).sum(0) / w.sum()
+            out[k] = (1 - alpha) * self.cov[k] + alpha * ((1 - GAMMA) * neighbor + GAMMA * glob)
+        self.loop_seconds = time.perf_counter() - start
+        return out
+
+
+# ------------------------------------------------------------------ synthesis, loss, evaluation
+
 def synthesize_loop(z: torch.Tensor, labels: torch.Tensor, covariance: torch.Tensor, lam: float,
                     num: int) -> torch.Tensor:
-    """[num, B, D] synthetic embeddings, one loop iteration per sample (spec §5, Eq. 17).
+    """[num, B, D] synthetic embeddings, one loop iteration per sample (docs/method.md §5, Eq. 17).
 
     z: [B, D] float32 originals (gradients flow through them); labels: [B] int64;
     covariance: [C, D] diagonal covariances of the classes.
@@ -99,7 +212,7 @@ def synthesize_loop(z: torch.Tensor, labels: torch.Tensor, covariance: torch.Ten
 def ms_loss_loop(embeddings: torch.Tensor, labels: torch.Tensor, synthetic: torch.Tensor | None = None,
                  threshold: float = 0.5, margin: float = 0.1, scale_pos: float = 2.0, scale_neg: float = 40.0,
                  epsilon: float = 1e-5) -> torch.Tensor:
-    """Multi-Similarity loss with IAA candidates, one anchor at a time (spec §6).
+    """Multi-Similarity loss with IAA candidates, one anchor at a time (docs/method.md §6).
 
     embeddings: [B, D] L2-normalised originals (the anchors); labels [B];
     synthetic: None or [M, B, D] L2-normalised, block m row b drawn from original b.
@@ -136,7 +249,7 @@ def ms_loss_loop(embeddings: torch.Tensor, labels: torch.Tensor, synthetic: torc
 
 
 def authors_retrieval(z: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]) -> dict:
-    """Recall@K, MAP@R and R-Precision the official way (spec §8): chunks of 10,000 queries,
+    """Recall@K, MAP@R and R-Precision the official way (docs/method.md §8): chunks of 10,000 queries,
     the query itself pushed first and dropped, top-k on z's device, then Python loops per query.
 
     z: [N, D] embeddings (normalised here); labels: [N] int64 (same device or CPU).
@@ -169,6 +282,8 @@ def authors_retrieval(z: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
     return out
 
 
+# ------------------------------------------------------------------ training loop
+
 class AuthorsTrainer:
     """The authors' loop over fastiaa's data and model definitions (module docstring).
 
@@ -198,16 +313,14 @@ class AuthorsTrainer:
         self.train_loader = torch.utils.data.DataLoader(
             AuthorsImages(train, AuthorsTransform(norm, True, resize_size, crop_size)), batch_sampler=self.sampler,
             **common)
-        # the official refresh embeds the train set with the train transform (spec §3)
+        # the official refresh embeds the train set with the train transform (docs/method.md §3)
         self.refresh_loader = torch.utils.data.DataLoader(
             AuthorsImages(train, AuthorsTransform(norm, True, resize_size, crop_size)), batch_size=eval_batch,
             **common)
         self.test_loader = torch.utils.data.DataLoader(
             AuthorsImages(test, AuthorsTransform(norm, False, resize_size, crop_size)), batch_size=eval_batch,
             **common)
-        self.estimator = AuthorsLoops(train.num_classes, embedding_size)
-        for name in ("ave", "cov", "amount", "size"):
-            setattr(self.estimator, name, getattr(self.estimator, name).to(self.device))
+        self.estimator = AuthorsLoops(train.num_classes, embedding_size, self.device)
         self.covariance = None
 
     def _sync(self) -> None:
