@@ -46,7 +46,9 @@ bench: $(STAMP) $(KANJI)
 	$(BIN)/python -m bench.bench_eval
 	$(BIN)/python -m bench.bench_estimator
 	$(BIN)/python -m bench.bench_synthesis
+	$(BIN)/python -m bench.bench_kernels
 	$(BIN)/python -m bench.bench_pipeline
+	$(BIN)/python -m bench.bench_cache
 	$(BIN)/python -m bench.bench_train
 	$(BIN)/python -m bench.bench_ddp
 

@@ -77,6 +77,10 @@ TRAIN_FLAGS = [
     ("image-size", _positive(int), "crop size fed to the model"),
     ("resize-size", _positive(int), "resize before cropping"),
     ("loader", _choice("torchvision", "dali"), "torchvision | dali"),
+    ("cache", _choice("off", "auto", "ram", "device"),
+     "decode once: off | auto (GPU memory if it fits, else host memory, else off) | ram | device"),
+    ("cache-gib", _positive(float), "memory budget of the cache (default: half of the free memory)"),
+    ("cache-dir", str, "keep the decoded images in a file here, shared by later runs"),
     ("workers", _non_negative_int, "data-loading threads / processes"),
     ("loss", _loss, "MS | Contrastive | Triplet"),
     ("lr", _positive(float), "learning rate of the backbone"),
@@ -175,7 +179,7 @@ def _cmd_eval(args) -> int:
     from fastiaa.train import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data=args.data, device=args.device,
-                                  loader=args.loader)
+                                  loader=args.loader, cache=args.cache, cache_dir=args.cache_dir)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -207,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", default=None, help="default: the checkpoint's data root")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--loader", default=None, help="torchvision | dali (default: the checkpoint's)")
+    ev.add_argument("--cache", default="off", type=_choice("off", "auto", "ram", "device"),
+                    help="decode once into a cache (worth it with --cache-dir, which later evaluations reuse)")
+    ev.add_argument("--cache-dir", default=None, help="the persistent cache folder of a training run's --cache-dir")
     dp = sub.add_parser("data", help="prepare or check data")
     dsub = dp.add_subparsers(dest="what", required=True)
     kj = dsub.add_parser("kanji", help="render the kanji demo dataset (SOP on-disk format)")

@@ -24,6 +24,9 @@ class DataConfig:
     workers: int = 2                 # loader threads / processes
     image_size: int = 224            # crop fed to the model (docs/method.md §2)
     resize_size: int = 256           # resize before the crop
+    cache: str = "auto"              # decode once: off | auto | ram | device (docs/architecture.md, "Cache")
+    cache_gib: float | None = None   # the cache's memory budget (None: half of the free memory)
+    cache_dir: str | None = None     # a persistent, memory-mapped cache shared by later runs
 
 
 @dataclass(frozen=True)

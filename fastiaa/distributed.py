@@ -94,6 +94,12 @@ def all_gather_varsize(x: torch.Tensor, world: World) -> torch.Tensor:
     return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
 
 
+def barrier(world: World) -> None:
+    """Wait for every rank (nothing in one process)."""
+    if world.distributed:
+        dist.barrier()
+
+
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 

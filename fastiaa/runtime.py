@@ -3,14 +3,19 @@ by the trainer and ``fastiaa eval``."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
+from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from fastiaa import distributed
 from fastiaa.config import TrainConfig
 from fastiaa.data import Dataset, ImageSet
 from fastiaa.distributed import World
-from fastiaa.pipelines import NORMALIZATIONS, build_eval_loader
+from fastiaa.pipelines import NORMALIZATIONS, ImageCache, build_cache, build_eval_loader
+from fastiaa.pipelines import cache as caching
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,10 +67,79 @@ def shard_images(images: ImageSet, world: World) -> ImageSet:
 
 
 def eval_loaders(cfg: TrainConfig, dataset: Dataset, input_space: str, device: torch.device,
-                 world: World, splits=("test", "query", "gallery")) -> dict:
+                 world: World, splits=("test", "query", "gallery"), caches: dict | None = None) -> dict:
     """Eval loaders (resize, centre crop) of this rank's share of each split in ``splits`` that the
-    dataset has: ``{"test": ...}`` or ``{"query": ..., "gallery": ...}`` (plus ``"train"`` if asked)."""
+    dataset has: ``{"test": ...}`` or ``{"query": ..., "gallery": ...}`` (plus ``"train"`` if asked),
+    reading the :func:`build_caches` of those splits where there is one."""
     geometry = loader_geometry(cfg, dataset, input_space, device)
-    sets = {name: getattr(dataset, name) for name in splits}
-    return {name: build_eval_loader(cfg.data.loader, shard_images(images, world), cfg.eval.eval_batch, **geometry)
-            for name, images in sets.items() if images is not None}
+    caches = caches or {}
+    loaders = {}
+    for name in splits:
+        images = getattr(dataset, name)
+        if images is None:
+            continue
+        cache = caches.get(name)
+        if cache is not None and name == "train":  # the whole split is cached; a refresh reads this rank's shard
+            cache = cache.part(distributed.shard(len(images), world))
+        loaders[name] = build_eval_loader(cfg.data.loader, shard_images(images, world), cfg.eval.eval_batch,
+                                          cache=cache, **geometry)
+    return loaders
+
+
+def build_caches(cfg: TrainConfig, dataset: Dataset, input_space: str, device: torch.device, world: World,
+                 splits=("train", "test", "query", "gallery"), where: str | None = None) -> dict[str, ImageCache]:
+    """Decode once (docs/architecture.md, "Cache"): the train split as resized images (train epochs
+    crop from them, refreshes take their centre crops), each evaluated split (this rank's shard) as
+    its final centre crops, where ``--cache`` says (``where`` overrides it); ``{}`` when off.
+
+    Says where the cache went in one line (main rank). Under DDP without ``--cache-dir`` the train
+    split goes to a node-local file that one process per node builds and all map (one copy per node).
+
+    Raises:
+        ValueError: ``--cache device`` without a CUDA device; OSError: an unreadable image (named).
+    """
+    data = cfg.data
+    norm = NORMALIZATIONS[input_space]
+    wanted = {}
+    for name in splits:
+        images = getattr(dataset, name)
+        if images is None:
+            continue
+        images = images if name == "train" else shard_images(images, world)
+        kind = "resized" if name == "train" else "crop"
+        wanted[name] = (images, kind, caching.layout(images.paths, kind, dataset.resize, data.resize_size,
+                                                     data.image_size))
+    nbytes = sum(lay.nbytes for _, _, lay in wanted.values())
+    place, note = caching.choose(where or data.cache, nbytes, device, data.cache_gib)
+    if world.is_main:
+        tqdm.write(note)
+    if place == "off":
+        return {}
+    caches = {}
+    for name, (images, kind, lay) in wanted.items():
+        folder = data.cache_dir
+        shared = name == "train" and world.distributed and folder is None and place == "ram"
+        if shared:  # one file per node instead of one copy per rank
+            folder = str(Path("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()) / "fastiaa-cache")
+        first = not shared or world.local_rank == 0
+
+        def make():
+            bar = tqdm(total=len(images), desc=f"decode once: {name}", leave=False, disable=not world.is_main,
+                       dynamic_ncols=True)
+            try:
+                return build_cache(data.loader, images, kind, norm, dataset.resize, data.resize_size, data.image_size,
+                                   data.workers, str(device), place, folder, bar.update, tqdm.write, lay)
+            finally:
+                bar.close()
+
+        if not first:
+            distributed.barrier(world)   # after the node's first process has written the file
+        caches[name] = make()
+        if shared:
+            if first:
+                distributed.barrier(world)
+            distributed.barrier(world)   # every rank has mapped it: the node's file can go, the pages stay
+            if first:
+                for path in caches[name].files:
+                    path.unlink(missing_ok=True)
+    return caches

@@ -70,10 +70,12 @@ class Trainer:
                     else self.model)
 
         geometry = runtime.loader_geometry(cfg, self.dataset, model.input_space, self.device)
+        caches = runtime.build_caches(cfg, self.dataset, model.input_space, self.device, self.world)
         self.train_loader = build_train_loader(cfg.data.loader, train, sampler, seed=cfg.runtime.seed,
-                                               shard=(self.world.rank, self.world.world_size), **geometry)
+                                               shard=(self.world.rank, self.world.world_size),
+                                               cache=caches.get("train"), **geometry)
         self.eval_loaders = runtime.eval_loaders(cfg, self.dataset, model.input_space, self.device, self.world,
-                                                 splits=("train", "test", "query", "gallery"))
+                                                 splits=("train", "test", "query", "gallery"), caches=caches)
 
         self.optimizer = torch.optim.Adam(
             [{"params": list(model.backbone_parameters()), "lr": optim.lr},
@@ -264,23 +266,29 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def evaluate_checkpoint(path, dataset: str | None = None, data: str | None = None, device: str = "auto",
-                        loader: str | None = None) -> dict:
+                        loader: str | None = None, cache: str = "off", cache_dir: str | None = None) -> dict:
     """Metrics of the model stored in a ``best.pt`` / ``last.pt`` on its (or another) dataset's test
-    split: builds the model and the eval loaders only.
+    split: builds the model and the eval loaders only. With ``cache_dir`` the test crops come from
+    (or go to) a persistent cache there, which a training run with the same ``--cache-dir`` wrote.
 
     Raises:
         FileNotFoundError: no checkpoint at ``path``; ValueError: not a fastiaa checkpoint.
     """
     state = checkpoint.load(path)
     overrides = {k: v for k, v in (("dataset", dataset), ("data", data), ("loader", loader)) if v is not None}
-    cfg = checkpoint.config_of(state).replace(pretrained=False, device=device, **overrides)
+    if cache_dir is not None and cache == "off":
+        cache = "ram"
+    cfg = checkpoint.config_of(state).replace(pretrained=False, device=device, cache=cache, cache_dir=cache_dir,
+                                              **overrides)
     dev = runtime.resolve_device(cfg.runtime.device)
     model = create_model(cfg.model.backbone, cfg.model.embedding_size, pretrained=False)
     model.load_state_dict(state["model"])
     fmt = torch.channels_last if cfg.runtime.channels_last else torch.contiguous_format
     model = model.to(dev, memory_format=fmt)
     ds = load_dataset(cfg.data.dataset, cfg.data.data)
-    loaders = runtime.eval_loaders(cfg, ds, model.input_space, dev, distributed.World())
+    world = distributed.World()
+    caches = runtime.build_caches(cfg, ds, model.input_space, dev, world, splits=("test", "query", "gallery"))
+    loaders = runtime.eval_loaders(cfg, ds, model.input_space, dev, world, caches=caches)
     ks = tuple(cfg.eval.recall) if cfg.eval.recall else ds.recall_ks
     with memory.work_memory(cfg.runtime.work_memory_mib):
         return evaluate(model, loaders, dev, runtime.autocast_dtype(cfg.runtime.amp, dev), ks, cfg.eval.map)

@@ -13,13 +13,21 @@ The file bytes and every geometric parameter come from one batch callback
 (``fn.external_source``), computed in Python from the loader's plan: the exact sampler indices in
 order, the crop windows and flips of ``core.crop_windows``. The graph itself draws no random numbers,
 so the stream depends only on (seed, epoch) and ``set_epoch`` costs nothing.
+
+With an ``ImageCache`` (pipelines.cache) the callback hands the cached uint8 images to the same
+graph without its decoder and first resize (a cache in GPU memory goes in as GPU tensors), so a
+cached batch equals an uncached one bit for bit; :func:`fill` is the decode pass that fills a cache
+(the graph up to the first resize, or to the centre crop).
 """
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .cache import ImageCache
 from .core import (Batch, Normalization, centre_crop_origin, crop_windows, image_size, read_bytes,
                    resized_shape, unreadable)
 
@@ -46,13 +54,17 @@ class DaliLoader:
 
     plan: callable returning, per pass, a list of (indices [b] int64, draws [b, K] float64 or None);
     ``draws`` None selects the eval transform (resize, centre crop). batch_size: the largest b.
+    cache: stage 1 from this ``ImageCache`` instead of the files. fill_kind: ``"resized"`` or
+    ``"crop"`` to yield stage 1 itself, uint8 (the decode pass of :func:`fill`).
     The pipeline is built once and reused for every pass; a pass abandoned half-way (or broken by
     an unreadable image) rebuilds it, since DALI has already prepared the next batches.
     """
 
     def __init__(self, images, plan, train: bool, batch_size: int, normalization: Normalization, resize: str,
-                 resize_size: int, crop_size: int, num_threads: int, device: str, dtype: torch.dtype, seed: int):
+                 resize_size: int, crop_size: int, num_threads: int, device: str, dtype: torch.dtype, seed: int,
+                 cache: ImageCache | None = None, fill_kind: str | None = None):
         require_dali()
+        self.cache, self.fill_kind = cache, fill_kind
         self.paths = images.paths
         self.plan_fn = plan
         self.train = train
@@ -83,8 +95,13 @@ class DaliLoader:
         if info.iteration >= len(self.plan):
             raise StopIteration
         indices, draws = self.plan[info.iteration]
-        data = [read_bytes(self.paths[i]) for i in indices]
-        height, width = self._geometry(indices, data)
+        if self.cache is None:
+            data = [read_bytes(self.paths[i]) for i in indices]
+            height, width = self._geometry(indices, data)
+        else:   # stage 1 from the cache: the images the first resize (or the centre crop) made
+            data = [self.cache.image(int(i)) for i in indices]
+            data = data if self.cache.device.type == "cuda" else [d.numpy() for d in data]
+            height, width = self.cache.layout.shapes[indices].T
         size = np.stack([height, width], 1).astype(np.float32)
         if self.train:
             top, left, h, w, flip = crop_windows(draws, height, width)
@@ -105,17 +122,28 @@ class DaliLoader:
 
         # exec_dynamic: every batch gets its own output buffer, kept alive by the torch tensors
         # that view it (zero-copy DLPack), so a Batch stays valid however long it is kept
+        cached = self.cache is not None
+        on_gpu = cached and self.cache.device.type == "cuda"
+
         @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads, seed=self.seed,
                       device_id=(self.device.index or 0) if self.gpu else None, prefetch_queue_depth=PREFETCH,
                       exec_dynamic=True)
         def graph():
             encoded, size, first, second, mirror = fn.external_source(
-                source=self._source, num_outputs=5, batch=True, batch_info=True,
-                dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.FLOAT, types.INT32])
-            images = fn.decoders.image(encoded, device=decoder,
-                                       output_type=types.BGR if self.normalization.bgr else types.RGB,
-                                       adjust_orientation=False, jpeg_fancy_upsampling=True)
-            images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
+                source=self._source, num_outputs=5, batch=True, batch_info=True, device="gpu" if on_gpu else "cpu",
+                dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.FLOAT, types.INT32],
+                **({"layout": ["HWC", "", "", "", ""]} if cached else {}))
+            if cached:     # stage 1 done already: the cached uint8 images
+                images = encoded.gpu() if self.gpu and not on_gpu else encoded
+            else:
+                images = fn.decoders.image(encoded, device=decoder,
+                                           output_type=types.BGR if self.normalization.bgr else types.RGB,
+                                           adjust_orientation=False, jpeg_fancy_upsampling=True)
+                images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
+            if self.fill_kind == "resized":
+                return images
+            if self.fill_kind == "crop":
+                return fn.crop(images, crop=(crop, crop), crop_pos_x=first, crop_pos_y=second)
             if self.train:   # first/second: window start/end (y, x) in the resized image
                 images = fn.resize(images, size=(crop, crop), roi_start=first, roi_end=second,
                                    interp_type=types.INTERP_LINEAR, antialias=True)
@@ -127,7 +155,9 @@ class DaliLoader:
                                             output_layout="HWC", **window)
 
         pipe = graph()
-        pipe.build()
+        with warnings.catch_warnings():  # from a cache, or filling one, some geometry outputs go unused
+            warnings.filterwarnings("ignore", message="The external source node")
+            pipe.build()
         return pipe
 
     # -- iteration ----------------------------------------------------------------------------
@@ -148,6 +178,10 @@ class DaliLoader:
             except RuntimeError as err:
                 self.pipe = None
                 raise self._explain(err, step) from err
+            if self.fill_kind is not None:   # stage 1 itself: one uint8 HWC array per image
+                host = images.as_cpu() if self.gpu else images
+                yield indices, [np.array(host[k]) for k in range(len(indices))]
+                continue
             # NHWC in DALI's buffer = NCHW channels-last for torch, without a copy
             nhwc = torch.from_dlpack(images.as_tensor())
             index = torch.from_numpy(np.asarray(indices, np.int64))
@@ -171,3 +205,17 @@ class DaliLoader:
                 return unreadable(path, pil_err)
         first = ", ".join(self.paths[i] for i in suspects[:3])
         return RuntimeError(f"DALI failed on one of the images of batch {step} ({first}, ...): {err}")
+
+
+def fill(cache: ImageCache, images, normalization: Normalization, resize: str, resize_size: int, crop_size: int,
+         num_threads: int, device: str, progress=None) -> None:
+    """The decode pass of the DALI loader: stage 1 of every image into ``cache`` (``"resized"``: the
+    first resize's output; ``"crop"``: its centre crop), uint8 in the model's channel order."""
+    steps = [np.arange(s, min(s + 64, len(images)), dtype=np.int64) for s in range(0, len(images), 64)]
+    loader = DaliLoader(images, lambda: [(i, None) for i in steps], False, 64, normalization, resize, resize_size,
+                        crop_size, num_threads, device, torch.float32, 0, fill_kind=cache.kind)
+    for indices, arrays in loader:
+        for i, pixels in zip(indices, arrays):
+            cache.write(int(i), pixels)
+        if progress is not None:
+            progress(len(indices))

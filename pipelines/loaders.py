@@ -1,9 +1,11 @@
-"""``build_train_loader`` / ``build_eval_loader``: one entry point for both loader kinds."""
+"""``build_train_loader`` / ``build_eval_loader`` / ``build_cache``: one entry point for both loader kinds."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from . import cache as caching
+from .cache import ImageCache
 from .core import Normalization, augment_draws, check_geometry
 
 KINDS = ("torchvision", "dali")
@@ -11,7 +13,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _make(kind, images, plan, train, batch_size, normalization, resize, resize_size, crop_size, num_threads,
-          device, dtype, seed):
+          device, dtype, seed, cache=None):
     if kind not in KINDS:
         raise ValueError(f"loader kind must be one of {KINDS}, got {kind!r}")
     if dtype not in DTYPES:
@@ -21,12 +23,17 @@ def _make(kind, images, plan, train, batch_size, normalization, resize, resize_s
     check_geometry(resize, resize_size, crop_size)
     if len(images) == 0:
         raise ValueError("the ImageSet is empty: nothing to load")
+    if cache is not None and len(cache) != len(images):
+        raise ValueError(f"the cache holds {len(cache)} images but the ImageSet {len(images)}: build it for this set")
+    if cache is not None and train and cache.kind != "resized":
+        raise ValueError("train batches crop from the resized images: give the train loader a 'resized' cache")
     if kind == "dali":
         from .dali import DaliLoader
         return DaliLoader(images, plan, train, batch_size, normalization, resize, resize_size, crop_size,
-                          num_threads, device, dtype, seed)
+                          num_threads, device, dtype, seed, cache=cache)
     from .reference import ReferenceLoader
-    return ReferenceLoader(images, plan, normalization, resize, resize_size, crop_size, num_threads, device, dtype)
+    return ReferenceLoader(images, plan, normalization, resize, resize_size, crop_size, num_threads, device, dtype,
+                           cache=cache)
 
 
 class TrainLoader:
@@ -40,7 +47,7 @@ class TrainLoader:
     """
 
     def __init__(self, kind, images, sampler, normalization, resize, resize_size, crop_size, seed, num_threads,
-                 device, dtype, shard=(0, 1)):
+                 device, dtype, shard=(0, 1), cache=None):
         rank, world_size = shard
         if not 0 <= rank < world_size or sampler.batch_size % world_size:
             raise ValueError(f"shard {shard}: need 0 <= rank < world_size dividing the batch size "
@@ -51,7 +58,7 @@ class TrainLoader:
         per_rank = sampler.batch_size // world_size
         self.part = slice(rank * per_rank, (rank + 1) * per_rank)
         self.impl = _make(kind, images, self.plan, True, per_rank, normalization, resize, resize_size,
-                          crop_size, num_threads, device, dtype, seed)
+                          crop_size, num_threads, device, dtype, seed, cache)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -72,7 +79,7 @@ class TrainLoader:
 def build_train_loader(kind: str, images, sampler, normalization: Normalization, resize: str,
                        resize_size: int = 256, crop_size: int = 224, seed: int = 0, num_threads: int = 2,
                        device: str = "cpu", dtype: torch.dtype = torch.float32,
-                       shard: tuple[int, int] = (0, 1)) -> TrainLoader:
+                       shard: tuple[int, int] = (0, 1), cache: ImageCache | None = None) -> TrainLoader:
     """Train loader over ``images`` (a fastiaa.data.ImageSet) in the order of ``sampler``.
 
     Transform (docs/method.md §2): decode -> RGB (BGR for BN-Inception) -> resize ("square": resize_size²,
@@ -82,19 +89,22 @@ def build_train_loader(kind: str, images, sampler, normalization: Normalization,
     (DALI pipeline with ``num_threads`` CPU threads; GPU decode when ``device`` is CUDA).
     dtype: float32, float16 (DALI writes fp16 directly) or bfloat16 (converted after the pipeline).
     shard: (rank, world_size) for DistributedDataParallel: this rank's share of every global batch.
+    cache: a ``"resized"`` :func:`build_cache` of ``images`` (same loader kind and geometry): the batches
+    crop from it instead of decoding, and equal the uncached ones.
     Raises ValueError for a bad kind/geometry/dtype, ImportError for kind "dali" without DALI, and
     OSError naming the file when an image cannot be read or decoded (during iteration).
     """
     return TrainLoader(kind, images, sampler, normalization, resize, resize_size, crop_size, seed, num_threads,
-                       device, dtype, shard)
+                       device, dtype, shard, cache)
 
 
 def build_eval_loader(kind: str, images, batch_size: int, normalization: Normalization, resize: str,
                       resize_size: int = 256, crop_size: int = 224, num_threads: int = 2, device: str = "cpu",
-                      dtype: torch.dtype = torch.float32):
+                      dtype: torch.dtype = torch.float32, cache: ImageCache | None = None):
     """Eval loader: every image of ``images`` exactly once, in dataset order, in batches of
     ``batch_size`` with a smaller last batch (never padded). Transform (docs/method.md §2): resize ("square":
     resize_size², "shorter": shorter side resize_size) -> centre crop crop_size -> normalisation.
+    cache: a :func:`build_cache` of ``images`` ("crop", or "resized" shared with the train loader).
     Returns an iterable of ``Batch`` (re-iterable); other arguments and errors as build_train_loader.
     """
     if batch_size < 1:
@@ -106,4 +116,44 @@ def build_eval_loader(kind: str, images, batch_size: int, normalization: Normali
         return [(indices, None) for indices in steps]
 
     return _make(kind, images, plan, False, batch_size, normalization, resize, resize_size, crop_size,
-                 num_threads, device, dtype, 0)
+                 num_threads, device, dtype, 0, cache)
+
+
+def build_cache(kind: str, images, cache_kind: str, normalization: Normalization, resize: str,
+                resize_size: int = 256, crop_size: int = 224, num_threads: int = 2, device: str = "cpu",
+                where: str = "ram", cache_dir=None, progress=None, say=print, layout=None) -> ImageCache:
+    """Decode ``images`` once, through the loader ``kind``'s own stage 1 (pipelines.cache), into a cache.
+
+    Args:
+        cache_kind: ``"resized"`` (train epochs and refreshes crop from it) or ``"crop"`` (the final
+            centre crops, for a split that is only evaluated).
+        where: ``"ram"`` (pinned when ``device`` is CUDA) or ``"device"`` (GPU memory).
+        cache_dir: a folder for a persistent, memory-mapped cache shared by later runs (host memory).
+        progress: called with the number of images of each decoded batch (a progress bar).
+        layout: ``pipelines.cache.layout`` of ``images`` when already computed.
+
+    Raises:
+        OSError: an image cannot be read or decoded (the message names it).
+    """
+    check_geometry(resize, resize_size, crop_size)
+    device = torch.device(device)
+    lay = layout or caching.layout(images.paths, cache_kind, resize, resize_size, crop_size)
+
+    def fill(cache: ImageCache) -> None:
+        if kind == "dali":
+            from . import dali
+            dali.fill(cache, images, normalization, resize, resize_size, crop_size, num_threads, str(device),
+                      progress)
+        else:
+            from . import reference
+            reference.fill(cache, images, resize, resize_size, crop_size, normalization.bgr, num_threads, progress)
+
+    if kind not in KINDS:
+        raise ValueError(f"loader kind must be one of {KINDS}, got {kind!r}")
+    if cache_dir is not None:
+        settings = dict(loader=kind, resize=resize, resize_size=resize_size, crop=crop_size, bgr=normalization.bgr)
+        cache = caching.open_or_build(cache_dir, images.paths, cache_kind, settings, lay, fill, say)
+        return cache if where != "device" else ImageCache(lay, cache.storage.to(device), cache_kind)
+    cache = caching.allocate(lay, cache_kind, where, device)
+    fill(cache)
+    return cache

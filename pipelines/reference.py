@@ -1,21 +1,54 @@
 """The torchvision reference loader (the authors' transforms on PIL images; docs/method.md §2).
 
-Workers decode with PIL and apply resize -> random resized crop -> flip (train) or
-resize -> centre crop (eval) on uint8 images; the main process stacks the uint8 crops, moves them
-to the device and normalises the whole batch at once into channels-last float.
+Workers decode with PIL and apply stage 1 (resize; for eval the centre crop) and stage 2 (train:
+the random resized crop and the flip) on uint8 images; the main process stacks the uint8 crops,
+moves them to the device and normalises the whole batch at once into channels-last float. With an
+``ImageCache`` (pipelines.cache) stage 1 is read from the cache and stage 2 runs on the very same
+PIL operations in a thread pool of the main process, so a cached batch equals an uncached one
+bit for bit; a cache in GPU memory crops and resizes on the GPU instead (torch, antialiased
+bilinear: close to PIL, not equal).
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from .cache import ImageCache
 from .core import Batch, Normalization, centre_crop_origin, crop_windows, normalize_nhwc, unreadable
 
 
+def _decode_resized(path: str, size) -> Image.Image:
+    """Stage 1: the file decoded to RGB and resized (``size``: [s, s], or the shorter side s)."""
+    try:
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+        raise unreadable(path, err) from err
+    return TF.resize(image, size, antialias=True)
+
+
+def _crop(image: Image.Image, draws, crop: int) -> np.ndarray:
+    """Stage 2 on a resized PIL image: the centre crop (``draws`` None) or the random resized crop
+    of the ``draws`` row and its flip. Returns uint8 [crop, crop, 3] RGB."""
+    if draws is None:
+        (top,), (left,) = centre_crop_origin([image.height], [image.width], crop)
+        image = image.crop((left, top, left + crop, top + crop))
+    else:
+        (top,), (left,), (h,), (w,), (flip,) = crop_windows(draws[None], [image.height], [image.width])
+        image = TF.resized_crop(image, int(top), int(left), int(h), int(w), [crop, crop], antialias=True)
+        if flip:
+            image = TF.hflip(image)
+    return np.asarray(image)
+
+
 class _Images(torch.utils.data.Dataset):
-    """Item ``(index, draws)`` -> (uint8 [crop, crop, 3] RGB or BGR, index). ``draws`` None = eval transform."""
+    """Item ``(index, draws)`` -> (uint8 [crop, crop, 3] in the model's channel order, index);
+    ``draws`` None = eval transform, ``"resized"`` = stage 1 only (RGB, for filling a cache)."""
 
     def __init__(self, paths, resize: str, resize_size: int, crop_size: int, bgr: bool):
         self.paths = paths
@@ -28,58 +61,115 @@ class _Images(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, draws = item
-        path = self.paths[index]
-        try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for broken files
-            raise unreadable(path, err) from err
-        image = TF.resize(image, self.size, antialias=True)
-        if draws is None:
-            (top,), (left,) = centre_crop_origin([image.height], [image.width], self.crop)
-            image = image.crop((left, top, left + self.crop, top + self.crop))
-        else:
-            (top,), (left,), (h,), (w,), (flip,) = crop_windows(draws[None], [image.height], [image.width])
-            image = TF.resized_crop(image, int(top), int(left), int(h), int(w), [self.crop, self.crop], antialias=True)
-            if flip:
-                image = TF.hflip(image)
-        pixels = np.asarray(image)
-        return torch.from_numpy(np.ascontiguousarray(pixels[..., ::-1]) if self.bgr else pixels.copy()), index
+        image = _decode_resized(self.paths[index], self.size)
+        if isinstance(draws, str):
+            return torch.from_numpy(np.asarray(image).copy()), index
+        return torch.from_numpy(_channels(_crop(image, draws, self.crop), self.bgr)), index
+
+
+def _channels(pixels: np.ndarray, bgr: bool) -> np.ndarray:
+    return np.ascontiguousarray(pixels[..., ::-1]) if bgr else pixels.copy()
 
 
 def _collate(items):
-    pixels = torch.stack([pixels for pixels, _ in items])
     indices = torch.tensor([index for _, index in items], dtype=torch.int64)
+    shapes = {tuple(pixels.shape) for pixels, _ in items}
+    pixels = torch.stack([p for p, _ in items]) if len(shapes) == 1 else [p for p, _ in items]
     return pixels, indices  # pinned by the DataLoader on a GPU run: the copies below are asynchronous
 
 
+def _data_loader(images, plan, resize, resize_size, crop_size, bgr, num_threads, device, persistent=True):
+    workers = num_threads if num_threads > 1 else 0
+    return torch.utils.data.DataLoader(
+        _Images(images.paths, resize, resize_size, crop_size, bgr), batch_sampler=_Batches(plan),
+        num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda",
+        persistent_workers=persistent and workers > 0, prefetch_factor=2 if workers else None,
+        # workers never fork a process that already runs DALI / OpenMP threads (a fork can deadlock)
+        multiprocessing_context="forkserver" if workers else None)
+
+
 class ReferenceLoader:
-    """Iterates ``Batch``es through a torch DataLoader.
+    """Iterates ``Batch``es through a torch DataLoader, or from an ``ImageCache``.
 
     plan: callable returning, per pass, a list of (indices [b] int64, draws [b, K] float64 or None);
     see ``loaders.TrainLoader.plan``.
     """
 
     def __init__(self, images, plan, normalization: Normalization, resize: str, resize_size: int,
-                 crop_size: int, num_threads: int, device: str, dtype: torch.dtype):
+                 crop_size: int, num_threads: int, device: str, dtype: torch.dtype, cache: ImageCache | None = None):
         self.device = torch.device(device)
         self.labels = torch.tensor(np.asarray(images.labels), dtype=torch.int64, device=self.device)
-        self.normalization = normalization
-        self.dtype = dtype
-        workers = num_threads if num_threads > 1 else 0
-        self.loader = torch.utils.data.DataLoader(
-            _Images(images.paths, resize, resize_size, crop_size, normalization.bgr), batch_sampler=_Batches(plan),
-            num_workers=workers, collate_fn=_collate, pin_memory=self.device.type == "cuda",
-            persistent_workers=workers > 0, prefetch_factor=2 if workers else None,
-            # workers never fork a process that already runs DALI / OpenMP threads (a fork can deadlock)
-            multiprocessing_context="forkserver" if workers else None)
+        self.normalization, self.dtype, self.crop, self.plan, self.cache = normalization, dtype, crop_size, plan, cache
+        if cache is None:
+            self.loader = _data_loader(images, plan, resize, resize_size, crop_size, normalization.bgr, num_threads,
+                                       self.device)
+        else:
+            self.pool = ThreadPoolExecutor(max(1, num_threads))  # PIL releases the GIL while it resamples
 
     def __iter__(self):
-        for pixels, indices in self.loader:
+        batches = self.loader if self.cache is None else ((self._from_cache(i, d), torch.from_numpy(i))
+                                                           for i, d in self.plan())
+        pin = self.device.type == "cuda"
+        for pixels, indices in batches:
+            if pin and not pixels.is_cuda and not pixels.is_pinned():  # cached batches: asynchronous copies too
+                pixels, indices = pixels.pin_memory(), indices.pin_memory()
             pixels = pixels.to(self.device, non_blocking=True)
             indices = indices.to(self.device, non_blocking=True)
             yield Batch(images=normalize_nhwc(pixels, self.normalization, self.dtype), labels=self.labels[indices],
                         indices=indices)
+
+    def _from_cache(self, indices: np.ndarray, draws) -> torch.Tensor:
+        """Stage 2 of one batch from the cache: uint8 [b, crop, crop, 3] in the model's channel order."""
+        cache, crop, bgr = self.cache, self.crop, self.normalization.bgr
+        if cache.kind == "crop":     # the final crops (in the model's channel order already)
+            return torch.stack([cache.image(int(i)) for i in indices])
+        if cache.device.type == "cuda":
+            return _crop_on_device(cache, indices, draws, crop, bgr)
+        if draws is None:            # a refresh: centre crops of the resized images are slices
+            shapes = cache.layout.shapes[indices]
+            top, left = centre_crop_origin(shapes[:, 0], shapes[:, 1], crop)
+            pixels = cache.crops(indices, top, left, crop)
+            return pixels.flip(-1) if bgr else pixels
+
+        def one(p):
+            image = Image.fromarray(cache.image(int(indices[p])).numpy())
+            return torch.from_numpy(_channels(_crop(image, draws[p], crop), bgr))
+
+        return torch.stack(list(self.pool.map(one, range(len(indices)))))
+
+
+def _crop_on_device(cache: ImageCache, indices, draws, crop: int, bgr: bool) -> torch.Tensor:
+    """Stage 2 on the GPU from a cache in GPU memory: the windows of ``core.crop_windows`` (or the
+    centre crops) resized by torch's antialiased bilinear interpolation, flipped, channel-ordered."""
+    shapes = cache.layout.shapes[indices]
+    if draws is None:
+        top, left = centre_crop_origin(shapes[:, 0], shapes[:, 1], crop)
+        pixels = cache.crops(indices, top, left, crop)
+    else:
+        top, left, h, w, flip = crop_windows(draws, shapes[:, 0], shapes[:, 1])
+        out = []
+        for k, i in enumerate(indices):
+            window = cache.image(int(i))[top[k]:top[k] + h[k], left[k]:left[k] + w[k]].permute(2, 0, 1)[None].float()
+            image = F.interpolate(window, size=(crop, crop), mode="bilinear", antialias=True, align_corners=False)
+            image = image[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+            out.append(image.flip(1) if flip[k] else image)
+        pixels = torch.stack(out)
+    return pixels.flip(-1) if bgr else pixels
+
+
+def fill(cache: ImageCache, images, resize: str, resize_size: int, crop_size: int, bgr: bool, num_threads: int,
+         progress=None) -> None:
+    """The decode pass of the torchvision loader: stage 1 of every image into ``cache``
+    (``"resized"``: RGB resized images; ``"crop"``: the eval crops in the model's channel order)."""
+    mode = "resized" if cache.kind == "resized" else None
+    steps = [np.arange(s, min(s + 64, len(images))) for s in range(0, len(images), 64)]
+    loader = _data_loader(images, lambda: [(i, None if mode is None else np.array([mode] * len(i))) for i in steps],
+                          resize, resize_size, crop_size, bgr, num_threads, torch.device("cpu"), persistent=False)
+    for pixels, indices in loader:
+        for p, i in enumerate(indices.tolist()):
+            cache.write(i, pixels[p])
+        if progress is not None:
+            progress(len(indices))
 
 
 class _Batches:
