@@ -5,6 +5,7 @@ renamed over the target, so a killed run never leaves a half-written file behind
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
 import tempfile
@@ -30,9 +31,50 @@ def atomic_write(path: str | os.PathLike, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        disk = _disk_error(error)
+        if disk is not None and disk is not error:  # e.g. torch.save turns "no space left" into a RuntimeError
+            raise OSError(disk.errno, disk.strerror, str(path)) from error
         raise
+
+
+def _disk_error(error: BaseException) -> OSError | None:
+    """The OSError behind ``error`` (itself, or along its chain of causes), if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno is not None:
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Create ``folder`` and write (then remove) a file in it, so that a run learns at once, not at
+    its first checkpoint, that it cannot write there.
+
+    Raises:
+        OSError: the folder cannot be created or written (a file stands there, read-only, full, ...).
+    """
+    folder = Path(folder)
+    for parent in (folder, *folder.parents):
+        if parent.exists() and not parent.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "a file, not a folder", str(parent))
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / ".write-check"
+    atomic_write_text(probe, "fastiaa")
+    probe.unlink()
+
+
+def remove_partial_writes(folder: str | os.PathLike, names) -> list[Path]:
+    """Delete the temporary files that interrupted :func:`atomic_write` calls of the files ``names``
+    left in ``folder`` (``.NAME.XXXX``; a finished write has renamed its own); returns them."""
+    folder = Path(folder)
+    stale = [p for name in names for p in folder.glob(f".{name}.*") if p.is_file()] if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

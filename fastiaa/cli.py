@@ -9,8 +9,10 @@ that dataset (docs/method.md §7) before the explicit flags. Every flag is a fie
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import signal
 import sys
 
 from fastiaa import registry
@@ -135,6 +137,8 @@ def _train_parser(sub) -> None:
         dest = name.replace("-", "_")
         p.add_argument(*_flag(name), dest=dest, type=kind, default=None, help=text,
                        nargs="+" if dest in TUPLE_FIELDS else None)
+    p.add_argument("--allow-unusual", dest="allow_unusual", action="store_true",
+                   help="accept settings outside the method's ranges (e.g. lambda > 1)")
     p.add_argument("--diag", dest="diag", type=_bool, default=None,
                    help="authors' flag: 1 = --covariance diag, 0 = --covariance auto")
     p.add_argument("--resume", action="store_true", help="continue the run in its directory from last.pt")
@@ -155,11 +159,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.gpu_id is not None:
         values["device"] = f"cuda:{args.gpu_id}"
     values["resume"] = args.resume
+    values["allow_unusual"] = args.allow_unusual
     dataset = values.get("dataset", TrainConfig().data.dataset)
     if "data" not in values:
         values["data"] = "data/kanji" if dataset == "kanji" else "MyDataset"
     values["data"] = os.path.abspath(values["data"])  # a checkpoint's config works from any folder
-    return TrainConfig.build(**values)
+    return TrainConfig.build(**values).check()
 
 
 def _cmd_train(args) -> int:
@@ -202,8 +207,12 @@ def _cmd_data(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastiaa", description="Fast IAA for deep metric learning")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback of any error")
+    parser = argparse.ArgumentParser(prog="fastiaa", description="Fast IAA for deep metric learning", parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
+    add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: add_parser(*a, parents=[common], **k)  # --debug after the command too
     _train_parser(sub)
     ev = sub.add_parser("eval", help="Recall@K / MAP@R / R-Precision of a checkpoint")
     ev.add_argument("--checkpoint", required=True, help="a best.pt or last.pt written by `fastiaa train`")
@@ -230,20 +239,53 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; errors about the user's input print as one line (exit 2), not a traceback."""
-    from fastiaa.data import DatasetError
-    from fastiaa.errors import NonFiniteError
-
+    """Run one command. An error the user can act on (bad input, unreadable data, a full or
+    read-only disk, a run that went non-finite) ends it with one line on stderr that says what went
+    wrong and what to do, exit 2; Ctrl-C and SIGTERM end it with exit 130 / 143 (a training run then
+    continues with --resume). A traceback means a bug in fastiaa; ``--debug`` shows it for everything."""
     args = build_parser().parse_args(argv)
     handler = {"train": _cmd_train, "eval": _cmd_eval, "data": _cmd_data}[args.command]
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return handler(args)
-    except (DatasetError, FileNotFoundError, FileExistsError, ValueError, NonFiniteError) as error:
-        print(f"fastiaa {args.command}: error: {error}", file=sys.stderr)
+    except (KeyboardInterrupt, _Terminated) as stop:
+        if args.debug:
+            raise
+        how, code = ("terminated", 143) if isinstance(stop, _Terminated) else ("interrupted", 130)
+        print(f"fastiaa {args.command}: {how}; a training run continues with --resume", file=sys.stderr)
+        return code
+    except Exception as error:
+        if args.debug or not _user_error(error):
+            raise
+        print(f"fastiaa {args.command}: error: {_explain(error)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"fastiaa {args.command}: interrupted (a training run continues with --resume)", file=sys.stderr)
-        return 130
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that the run's clean-up (finally blocks) happens."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated()
+
+
+def _user_error(error: Exception) -> bool:
+    """Errors that the input, the data or the machine cause and the user can fix; not fastiaa's bugs."""
+    from fastiaa.errors import NonFiniteError
+
+    return isinstance(error, (ValueError, OSError, ImportError, NonFiniteError))  # DatasetError is a ValueError
+
+
+def _explain(error: Exception) -> str:
+    """The one line for a user error: its message, with what to do for the disk's own errors."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"{error.filename or 'a file'}: no space left on the device; nothing already written was lost "
+                "(free some space, or choose another --save-dir, then continue with --resume)")
+    if isinstance(error, OSError) and error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{error.filename or 'a file'}: cannot write there ({error.strerror}); choose a writable --save-dir"
+    if isinstance(error, NotADirectoryError) and error.filename:
+        return f"{error.filename} is {error.strerror}: --save-dir must name a folder (or a path to create)"
+    return str(error).replace("\n", " ")
 
 
 if __name__ == "__main__":

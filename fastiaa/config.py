@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,6 +102,11 @@ class RuntimeConfig:
     save_dir: str = "runs"
     name: str | None = None
     resume: bool = False
+    allow_unusual: bool = False      # accept settings outside the ranges the method is meant for
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 GROUPS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "iaa": IAAConfig, "eval": EvalConfig,
@@ -170,6 +176,63 @@ class TrainConfig:
     def from_json(cls, text: str) -> "TrainConfig":
         """Parse :meth:`to_json` output (``config.json``)."""
         return cls.from_dict(json.loads(text))
+
+    def check(self) -> "TrainConfig":
+        """Refuse settings that cannot train (or not as the method means), before anything runs.
+
+        Returns:
+            self.
+
+        Raises:
+            ValueError: the first bad setting, named by its flag, with the accepted range; ranges that
+                are only unusual (λ outside (0, 1], M above 8) pass with ``--allow-unusual``.
+        """
+        v = self.flat()
+        rules = [  # (flag, value, ok, the range in words)
+            ("lr", v["lr"], _finite(v["lr"]) and v["lr"] > 0, "a finite number > 0"),
+            ("head-lr-mult", v["head_lr_mult"], _finite(v["head_lr_mult"]) and v["head_lr_mult"] > 0 and
+             v["lr"] * v["head_lr_mult"] < 3e38, "a finite number > 0 (and --lr x --head-lr-mult within float32)"),
+            ("weight_decay", v["weight_decay"], _finite(v["weight_decay"]) and v["weight_decay"] >= 0,
+             "a finite number >= 0"),
+            ("lr-decay-gamma", v["lr_decay_gamma"], _finite(v["lr_decay_gamma"]) and 0 < v["lr_decay_gamma"] <= 1,
+             "in (0, 1]"),
+            ("lr-decay-epochs", v["lr_decay_epochs"], all(e >= 1 for e in v["lr_decay_epochs"]), "epochs >= 1"),
+            ("epochs", v["epochs"], v["epochs"] >= 1, ">= 1"),
+            ("batch", v["batch"], v["batch"] >= 2, ">= 2"),
+            ("num_image_per_class", v["num_image_per_class"], 2 <= v["num_image_per_class"] <= v["batch"],
+             "between 2 (an anchor needs a positive) and --batch"),
+            ("iter-per-epoch", v["iter_per_epoch"], v["iter_per_epoch"] >= 1, ">= 1"),
+            ("eval_batch", v["eval_batch"], v["eval_batch"] >= 1, ">= 1"),
+            ("embedding-size", v["embedding_size"], v["embedding_size"] >= 1, ">= 1"),
+            ("image-size", v["image_size"], 1 <= v["image_size"] <= v["resize_size"], "between 1 and --resize-size"),
+            ("workers", v["workers"], v["workers"] >= 0, ">= 0"),
+            ("intra_lamda", v["intra_lamda"], _finite(v["intra_lamda"]) and (0 < v["intra_lamda"] <= 1 or
+                                                                             v["allow_unusual"] and v["intra_lamda"] >= 0),
+             "in (0, 1] (the paper uses 0.5-0.8; --allow-unusual accepts any lambda >= 0)"),
+            ("aug_num", v["aug_num"], 1 <= v["aug_num"] <= 8 or v["allow_unusual"] and v["aug_num"] >= 1,
+             "between 1 and 8 (the paper uses 2-4; --allow-unusual accepts more)"),
+            ("start_epoch", v["start_epoch"], v["start_epoch"] >= 0, ">= 0"),
+            ("warmup_epoch", v["warmup_epoch"], v["warmup_epoch"] >= 0, ">= 0"),
+            ("update_every_M_epoch", v["update_every_M_epoch"], v["update_every_M_epoch"] >= 1, ">= 1"),
+            ("momentum", v["momentum"], _finite(v["momentum"]) and 0 <= v["momentum"] <= 1, "in [0, 1]"),
+            ("num_neighbor", v["num_neighbor"], v["num_neighbor"] >= 1, ">= 1"),
+            ("beta", v["beta"], _finite(v["beta"]) and v["beta"] >= 0, "a finite number >= 0"),
+            ("gamma", v["gamma"], _finite(v["gamma"]) and 0 <= v["gamma"] <= 1, "in [0, 1]"),
+            ("tau", v["tau"], _finite(v["tau"]) and v["tau"] > 0, "a finite number > 0"),
+            ("dense_full_limit_gib", v["dense_full_limit_gib"],
+             _finite(v["dense_full_limit_gib"]) and v["dense_full_limit_gib"] >= 0, "a finite number >= 0"),
+            ("recall", v["recall"], v["recall"] is None or all(k >= 1 for k in v["recall"]), "values >= 1"),
+            ("eval-every", v["eval_every"], v["eval_every"] >= 0, ">= 0"),
+            ("work-memory-mib", v["work_memory_mib"], _finite(v["work_memory_mib"]) and v["work_memory_mib"] > 0,
+             "a finite number > 0"),
+            ("log-every", v["log_every"], v["log_every"] >= 1, ">= 1"),
+            ("cache-gib", v["cache_gib"], v["cache_gib"] is None or _finite(v["cache_gib"]) and v["cache_gib"] > 0,
+             "a finite number > 0"),
+        ]
+        for flag, value, ok, accepted in rules:
+            if not ok:
+                raise ValueError(f"--{flag} {value}: must be {accepted}")
+        return self
 
     def run_dir(self) -> Path:
         name = self.runtime.name or (f"{self.data.dataset}_{self.model.backbone}_{self.optim.loss_name}_"

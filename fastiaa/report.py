@@ -32,7 +32,7 @@ class MetricsLog:
             self.records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
     def truncate(self, last_epoch: int) -> None:
-        """Drop records of epochs after ``last_epoch`` (a resumed run redoes them)."""
+        """Drop records of epochs after ``last_epoch`` (a resumed run redoes them; -1 drops all)."""
         self.records = [r for r in self.records if r["epoch"] <= last_epoch]
         self._write()
 

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from fastiaa import distributed
 from fastiaa.config import TrainConfig
-from fastiaa.data import Dataset, ImageSet
+from fastiaa.data import Dataset, DatasetError, ImageSet, check_images, unreadable_images_error
 from fastiaa.distributed import World
 from fastiaa.pipelines import NORMALIZATIONS, ImageCache, build_cache, build_eval_loader
 from fastiaa.pipelines import cache as caching
@@ -86,6 +86,19 @@ def eval_loaders(cfg: TrainConfig, dataset: Dataset, input_space: str, device: t
     return loaders
 
 
+def _check_headers(sets: dict[str, ImageSet], dataset: Dataset, world: World) -> bool:
+    """Read the header of every image of ``sets`` (threads, a progress bar on the main rank).
+
+    Raises:
+        DatasetError: listing the unreadable files and the command that lists all of them.
+    """
+    paths = sorted({p for images in sets.values() for p in images.paths})
+    bad = check_images(paths, decode=False, threads=8, desc="checking image headers", show=world.is_main)
+    if bad:
+        raise unreadable_images_error(bad, dataset.name, dataset.root)
+    return True
+
+
 def build_caches(cfg: TrainConfig, dataset: Dataset, input_space: str, device: torch.device, world: World,
                  splits=("train", "test", "query", "gallery"), where: str | None = None) -> dict[str, ImageCache]:
     """Decode once (docs/architecture.md, "Cache"): the train split as resized images (train epochs
@@ -94,29 +107,31 @@ def build_caches(cfg: TrainConfig, dataset: Dataset, input_space: str, device: t
 
     Says where the cache went in one line (main rank). Under DDP without ``--cache-dir`` the train
     split goes to a node-local file that one process per node builds and all map (one copy per node).
+    Every image is opened before anything trains: decoded into the cache, or, where nothing is
+    cached (and for the headers the shorter-side resize needs), its header read.
 
     Raises:
-        ValueError: ``--cache device`` without a CUDA device; OSError: an unreadable image (named).
+        ValueError: ``--cache device`` without a CUDA device; DatasetError: unreadable images (all listed).
     """
     data = cfg.data
     norm = NORMALIZATIONS[input_space]
-    wanted = {}
-    for name in splits:
-        images = getattr(dataset, name)
-        if images is None:
-            continue
-        images = images if name == "train" else shard_images(images, world)
-        kind = "resized" if name == "train" else "crop"
-        wanted[name] = (images, kind, caching.layout(images.paths, kind, dataset.resize, data.resize_size,
-                                                     data.image_size))
-    nbytes = sum(lay.nbytes for _, _, lay in wanted.values())
-    place, note = caching.choose(where or data.cache, nbytes, device, data.cache_gib)
+    sets = {name: getattr(dataset, name) if name == "train" else shard_images(getattr(dataset, name), world)
+            for name in splits if getattr(dataset, name) is not None}
+    checked = dataset.resize == "shorter" and _check_headers(sets, dataset, world)
+    wanted = {name: (images, "resized" if name == "train" else "crop") for name, images in sets.items()}
+    layouts = {name: caching.layout(images.paths, kind, dataset.resize, data.resize_size, data.image_size)
+               for name, (images, kind) in wanted.items()}
+    place, note = caching.choose(where or data.cache, sum(lay.nbytes for lay in layouts.values()), device,
+                                 data.cache_gib)
     if world.is_main:
         tqdm.write(note)
     if place == "off":
+        if not checked:
+            _check_headers(sets, dataset, world)
         return {}
-    caches = {}
-    for name, (images, kind, lay) in wanted.items():
+    caches, bad = {}, []
+    for name, (images, kind) in wanted.items():
+        lay = layouts[name]
         folder = data.cache_dir
         shared = name == "train" and world.distributed and folder is None and place == "ram"
         if shared:  # one file per node instead of one copy per rank
@@ -128,13 +143,20 @@ def build_caches(cfg: TrainConfig, dataset: Dataset, input_space: str, device: t
                        dynamic_ncols=True)
             try:
                 return build_cache(data.loader, images, kind, norm, dataset.resize, data.resize_size, data.image_size,
-                                   data.workers, str(device), place, folder, bar.update, tqdm.write, lay)
+                                   data.workers, str(device), place, folder, bar.update, tqdm.write, lay,
+                                   dataset.name, dataset.root)
             finally:
                 bar.close()
 
         if not first:
             distributed.barrier(world)   # after the node's first process has written the file
-        caches[name] = make()
+        try:
+            caches[name] = make()
+        except DatasetError as error:    # every split's unreadable images, listed together
+            if not hasattr(error, "bad"):
+                raise
+            bad += error.bad
+            continue
         if shared:
             if first:
                 distributed.barrier(world)
@@ -142,4 +164,6 @@ def build_caches(cfg: TrainConfig, dataset: Dataset, input_space: str, device: t
             if first:
                 for path in caches[name].files:
                     path.unlink(missing_ok=True)
+    if bad:
+        raise unreadable_images_error(bad, dataset.name, dataset.root)
     return caches

@@ -30,8 +30,10 @@ from fastiaa.iaa import IAA
 from fastiaa.models import create_model
 from fastiaa.pipelines import build_train_loader
 
-# settings a resumed run must share with its checkpoint (they fix the shapes of what it holds)
-SHAPE_FIELDS = ("dataset", "backbone", "embedding_size", "covariance", "loss")
+# settings a resumed run may change: where and how fast it computes, not what (everything else must match)
+RUN_FILES = ("config.json", "metrics.jsonl", "losses_and_recalls.png", "last.pt", "best.pt", "paper_comparison.md")
+RESUMABLE_CHANGES = ("device", "workers", "loader", "log_every", "work_memory_mib", "cache", "cache_gib",
+                     "cache_dir", "resume", "eval_every")
 _NO_STEP = 2**62  # "no non-finite step yet" (a min-reduction across ranks keeps the first one)
 
 
@@ -39,7 +41,7 @@ class Trainer:
     """Holds the pieces of one run and runs its epochs (see the module docstring)."""
 
     def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
+        self.cfg = cfg.check()
         self.device = runtime.resolve_device(cfg.runtime.device)
         self.world = distributed.init(self.device.type)
         if self.world.distributed and self.device.type == "cuda":
@@ -47,6 +49,8 @@ class Trainer:
         self.amp = runtime.autocast_dtype(cfg.runtime.amp, self.device)
         checkpoint.seed_everything(cfg.runtime.seed)
         self.run_dir = cfg.run_dir()
+        if self.world.is_main:
+            checkpoint.check_writable(self.run_dir)
 
         self.dataset = load_dataset(cfg.data.dataset, cfg.data.data)
         self.ks = tuple(cfg.eval.recall) if cfg.eval.recall else self.dataset.recall_ks
@@ -167,10 +171,16 @@ class Trainer:
                 "best": self.best, "world_size": self.world.world_size}
 
     def resume(self) -> None:
+        """Continue from ``last.pt``: exactly the run that was interrupted, or refused.
+
+        Raises:
+            ValueError: a setting differs from the checkpoint's other than where and how fast the run
+                computes (``RESUMABLE_CHANGES``); the message lists every change.
+        """
         state = checkpoint.load(self.run_dir / "last.pt", map_location=self.device)
         theirs, mine = checkpoint.config_of(state).flat(), self.cfg.flat()
-        changed = [f"--{key.replace('_', '-')} {theirs[key]} -> {mine[key]}"
-                   for key in SHAPE_FIELDS if theirs[key] != mine[key]]
+        changed = [f"--{key.replace('_', '-')} {theirs[key]} -> {mine[key]}" for key in mine
+                   if key not in RESUMABLE_CHANGES and theirs.get(key) != mine[key]]
         if changed:
             raise ValueError(f"--resume: {self.run_dir / 'last.pt'} was trained with other settings "
                              f"({'; '.join(changed)}); resume with the run's own settings or start a new --name")
@@ -193,12 +203,17 @@ class Trainer:
 
     def _run(self) -> dict:
         cfg = self.cfg
+        if self.world.is_main:
+            for path in checkpoint.remove_partial_writes(self.run_dir, RUN_FILES):
+                self._say(f"removed {path}, left by an interrupted write")
         if cfg.runtime.resume and (self.run_dir / "last.pt").is_file():
             self.resume()
             self._say(f"resumed from {self.run_dir / 'last.pt'} at epoch {self.first_epoch}")
         else:
             if cfg.runtime.resume:
                 self._say(f"--resume: {self.run_dir} holds no last.pt yet; starting the run from epoch 1")
+                if self.world.is_main:
+                    self.log.truncate(-1)  # records of a run killed before its first checkpoint: done again
             elif self.log.records or (self.run_dir / "last.pt").is_file():
                 raise FileExistsError(f"{self.run_dir} already holds a run; pass --resume to continue it, or "
                                       "--name (or --save-dir) to start another one beside it")
@@ -219,6 +234,7 @@ class Trainer:
                 t = time.perf_counter()
                 record.update(self.evaluate())
                 record["eval_s"] = time.perf_counter() - t
+            self._check_weights(epoch)
             self._record(record)
             state = self.state(epoch)
             if self.world.is_main:
@@ -228,18 +244,33 @@ class Trainer:
                 self.best, cfg.data.dataset, cfg.model.backbone, cfg.optim.loss_name))
         return self.best
 
+    def _check_weights(self, epoch: int) -> None:
+        """Refuse to record or checkpoint a model whose weights or optimizer state went non-finite
+        (the losses of the epoch were finite: an update made them so, e.g. a learning rate too large).
+
+        Raises:
+            NonFiniteError: naming the epoch; the previous epoch's ``last.pt`` stays the last one.
+        """
+        tensors = [p for p in self.model.parameters()] + [v for state in self.optimizer.state.values()
+                                                          for v in state.values() if torch.is_tensor(v)]
+        finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all() if tensors else torch.tensor(True)
+        if not bool(distributed.all_reduce(finite.to(self.device, torch.int32), self.world, "min")):
+            raise NonFiniteError(f"the model's weights became non-finite during epoch {epoch} (its losses were "
+                                 "finite up to its last step); lower --lr / --head-lr-mult, or use --amp off. "
+                                 f"{'last.pt of epoch ' + str(epoch - 1) + ' is' if epoch > 1 else 'nothing was'} kept")
+
     def _record(self, record: dict) -> None:
+        """Append ``record`` to the run's records and plot (small files first), then keep ``best.pt``."""
+        if self.world.is_main:
+            self.log.append(record)
+            report.plot(self.log.records, self.run_dir / "losses_and_recalls.png")
+            self._say(summary_line(record, self.ks))
         key = f"recall@{self.ks[0]}"
         if key in record and record[key] > self.best.get(key, -math.inf):
             self.best = dict(record)
             if self.world.is_main:
                 checkpoint.save(self.run_dir / "best.pt", {"epoch": record["epoch"], "config": self.cfg.to_dict(),
                                                            "model": self.model.state_dict(), "metrics": record})
-        if not self.world.is_main:
-            return
-        self.log.append(record)
-        report.plot(self.log.records, self.run_dir / "losses_and_recalls.png")
-        self._say(summary_line(record, self.ks))
 
     def _say(self, text: str) -> None:
         if self.world.is_main:

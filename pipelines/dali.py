@@ -208,14 +208,28 @@ class DaliLoader:
 
 
 def fill(cache: ImageCache, images, normalization: Normalization, resize: str, resize_size: int, crop_size: int,
-         num_threads: int, device: str, progress=None) -> None:
+         num_threads: int, device: str, progress=None) -> list[tuple[str, str]]:
     """The decode pass of the DALI loader: stage 1 of every image into ``cache`` (``"resized"``: the
-    first resize's output; ``"crop"``: its centre crop), uint8 in the model's channel order."""
+    first resize's output; ``"crop"``: its centre crop), uint8 in the model's channel order.
+
+    Returns:
+        [(path, error)] of every file that cannot be read or decoded: when a batch fails, the files
+        not yet decoded are checked with PIL (a pipeline that failed cannot go on).
+    """
+    from fastiaa.data import check_images
+
     steps = [np.arange(s, min(s + 64, len(images)), dtype=np.int64) for s in range(0, len(images), 64)]
     loader = DaliLoader(images, lambda: [(i, None) for i in steps], False, 64, normalization, resize, resize_size,
                         crop_size, num_threads, device, torch.float32, 0, fill_kind=cache.kind)
-    for indices, arrays in loader:
-        for i, pixels in zip(indices, arrays):
-            cache.write(int(i), pixels)
-        if progress is not None:
-            progress(len(indices))
+    done = 0
+    try:
+        for indices, arrays in loader:
+            for i, pixels in zip(indices, arrays):
+                cache.write(int(i), pixels)
+            done += len(indices)
+            if progress is not None:
+                progress(len(indices))
+    except (OSError, RuntimeError) as err:
+        bad = check_images(images.paths[done:], decode=True, desc="finding the unreadable images")
+        return bad or [(images.paths[done], str(err))]
+    return []

@@ -121,7 +121,8 @@ def build_eval_loader(kind: str, images, batch_size: int, normalization: Normali
 
 def build_cache(kind: str, images, cache_kind: str, normalization: Normalization, resize: str,
                 resize_size: int = 256, crop_size: int = 224, num_threads: int = 2, device: str = "cpu",
-                where: str = "ram", cache_dir=None, progress=None, say=print, layout=None) -> ImageCache:
+                where: str = "ram", cache_dir=None, progress=None, say=print, layout=None, dataset: str = "DATASET",
+                root: str = "DATA") -> ImageCache:
     """Decode ``images`` once, through the loader ``kind``'s own stage 1 (pipelines.cache), into a cache.
 
     Args:
@@ -131,10 +132,13 @@ def build_cache(kind: str, images, cache_kind: str, normalization: Normalization
         cache_dir: a folder for a persistent, memory-mapped cache shared by later runs (host memory).
         progress: called with the number of images of each decoded batch (a progress bar).
         layout: ``pipelines.cache.layout`` of ``images`` when already computed.
+        dataset, root: the dataset's name and root, for the message about unreadable files.
 
     Raises:
-        OSError: an image cannot be read or decoded (the message names it).
+        DatasetError: images that cannot be read or decoded (the message lists them at once).
     """
+    from fastiaa.data import unreadable_images_error
+
     check_geometry(resize, resize_size, crop_size)
     device = torch.device(device)
     lay = layout or caching.layout(images.paths, cache_kind, resize, resize_size, crop_size)
@@ -142,11 +146,14 @@ def build_cache(kind: str, images, cache_kind: str, normalization: Normalization
     def fill(cache: ImageCache) -> None:
         if kind == "dali":
             from . import dali
-            dali.fill(cache, images, normalization, resize, resize_size, crop_size, num_threads, str(device),
-                      progress)
+            bad = dali.fill(cache, images, normalization, resize, resize_size, crop_size, num_threads, str(device),
+                            progress)
         else:
             from . import reference
-            reference.fill(cache, images, resize, resize_size, crop_size, normalization.bgr, num_threads, progress)
+            bad = reference.fill(cache, images, resize, resize_size, crop_size, normalization.bgr, num_threads,
+                                 progress)
+        if bad:
+            raise unreadable_images_error(bad, dataset, root)
 
     if kind not in KINDS:
         raise ValueError(f"loader kind must be one of {KINDS}, got {kind!r}")

@@ -10,6 +10,9 @@ bilinear: close to PIL, not equal).
 """
 from __future__ import annotations
 
+import functools
+import os
+import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -48,7 +51,9 @@ def _crop(image: Image.Image, draws, crop: int) -> np.ndarray:
 
 class _Images(torch.utils.data.Dataset):
     """Item ``(index, draws)`` -> (uint8 [crop, crop, 3] in the model's channel order, index);
-    ``draws`` None = eval transform, ``"resized"`` = stage 1 only (RGB, for filling a cache)."""
+    ``draws`` None = eval transform. Filling a cache, ``draws`` is the cache kind: ``"resized"``
+    gives stage 1 only (RGB), ``"crop"`` the eval crop; an unreadable file then gives its error
+    message instead of the pixels (the decode pass lists every bad file)."""
 
     def __init__(self, paths, resize: str, resize_size: int, crop_size: int, bgr: bool):
         self.paths = paths
@@ -61,10 +66,15 @@ class _Images(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, draws = item
-        image = _decode_resized(self.paths[index], self.size)
-        if isinstance(draws, str):
-            return torch.from_numpy(np.asarray(image).copy()), index
-        return torch.from_numpy(_channels(_crop(image, draws, self.crop), self.bgr)), index
+        if not isinstance(draws, str):
+            image = _decode_resized(self.paths[index], self.size)
+            return torch.from_numpy(_channels(_crop(image, draws, self.crop), self.bgr)), index
+        try:
+            image = _decode_resized(self.paths[index], self.size)
+        except OSError as err:
+            return str(err), index
+        pixels = np.asarray(image).copy() if draws == "resized" else _channels(_crop(image, None, self.crop), self.bgr)
+        return torch.from_numpy(pixels), index
 
 
 def _channels(pixels: np.ndarray, bgr: bool) -> np.ndarray:
@@ -73,9 +83,23 @@ def _channels(pixels: np.ndarray, bgr: bool) -> np.ndarray:
 
 def _collate(items):
     indices = torch.tensor([index for _, index in items], dtype=torch.int64)
-    shapes = {tuple(pixels.shape) for pixels, _ in items}
-    pixels = torch.stack([p for p, _ in items]) if len(shapes) == 1 else [p for p, _ in items]
+    shapes = {tuple(getattr(pixels, "shape", ())) for pixels, _ in items}
+    pixels = torch.stack([p for p, _ in items]) if len(shapes) == 1 and () not in shapes else [p for p, _ in items]
     return pixels, indices  # pinned by the DataLoader on a GPU run: the copies below are asynchronous
+
+
+def _die_with_parent(parent: int, worker_id: int) -> None:
+    """Loader workers end with the process that started them, however it ends (SIGKILL included):
+    Linux's parent-death signal (prctl PR_SET_PDEATHSIG), and an exit at once when the parent died
+    while the worker was starting; elsewhere torch's own watchdog."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    if os.getppid() != parent:
+        os._exit(0)
 
 
 def _data_loader(images, plan, resize, resize_size, crop_size, bgr, num_threads, device, persistent=True):
@@ -84,8 +108,10 @@ def _data_loader(images, plan, resize, resize_size, crop_size, bgr, num_threads,
         _Images(images.paths, resize, resize_size, crop_size, bgr), batch_sampler=_Batches(plan),
         num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda",
         persistent_workers=persistent and workers > 0, prefetch_factor=2 if workers else None,
-        # workers never fork a process that already runs DALI / OpenMP threads (a fork can deadlock)
-        multiprocessing_context="forkserver" if workers else None)
+        # spawned workers: never a fork of a process that runs DALI / OpenMP threads (a fork can
+        # deadlock), and their parent is this process, whose death ends them (_die_with_parent)
+        multiprocessing_context="spawn" if workers else None,
+        worker_init_fn=functools.partial(_die_with_parent, os.getpid()) if workers else None)
 
 
 class ReferenceLoader:
@@ -158,18 +184,26 @@ def _crop_on_device(cache: ImageCache, indices, draws, crop: int, bgr: bool) -> 
 
 
 def fill(cache: ImageCache, images, resize: str, resize_size: int, crop_size: int, bgr: bool, num_threads: int,
-         progress=None) -> None:
+         progress=None) -> list[tuple[str, str]]:
     """The decode pass of the torchvision loader: stage 1 of every image into ``cache``
-    (``"resized"``: RGB resized images; ``"crop"``: the eval crops in the model's channel order)."""
-    mode = "resized" if cache.kind == "resized" else None
+    (``"resized"``: RGB resized images; ``"crop"``: the eval crops in the model's channel order).
+
+    Returns:
+        [(path, error)] of every file that could not be read or decoded (their slots stay unset).
+    """
     steps = [np.arange(s, min(s + 64, len(images))) for s in range(0, len(images), 64)]
-    loader = _data_loader(images, lambda: [(i, None if mode is None else np.array([mode] * len(i))) for i in steps],
-                          resize, resize_size, crop_size, bgr, num_threads, torch.device("cpu"), persistent=False)
+    loader = _data_loader(images, lambda: [(i, np.array([cache.kind] * len(i))) for i in steps], resize, resize_size,
+                          crop_size, bgr, num_threads, torch.device("cpu"), persistent=False)
+    bad = []
     for pixels, indices in loader:
         for p, i in enumerate(indices.tolist()):
-            cache.write(i, pixels[p])
+            if isinstance(pixels[p], str):
+                bad.append((images.paths[i], pixels[p]))
+            else:
+                cache.write(i, pixels[p])
         if progress is not None:
             progress(len(indices))
+    return bad
 
 
 class _Batches:

@@ -1,5 +1,5 @@
 """Datasets (docs/method.md §1), the balanced batch sampler (docs/method.md §2) and the kanji demo data."""
-from .check import check_images
+from .check import check_images, unreadable_images_error
 from .datasets import (
     DATASETS, Dataset, DatasetError, DatasetNotFoundError, ImageSet, MalformedDatasetError, load_dataset,
 )
@@ -8,5 +8,5 @@ from .sampler import BalancedBatchSampler
 
 __all__ = [
     "BalancedBatchSampler", "DATASETS", "Dataset", "DatasetError", "DatasetNotFoundError", "ImageSet",
-    "MalformedDatasetError", "build_kanji", "check_images", "load_dataset",
+    "MalformedDatasetError", "build_kanji", "check_images", "load_dataset", "unreadable_images_error",
 ]
