@@ -166,9 +166,7 @@ class Trainer:
 
     def resume(self) -> None:
         state = checkpoint.load(self.run_dir / "last.pt", map_location=self.device)
-        theirs, mine = checkpoint.config_of(state).flat(), self.cfg.flat()
-        changed = [f"--{key.replace('_', '-')} {theirs[key]} -> {mine[key]}"
-                   for key in SHAPE_FIELDS if theirs[key] != mine[key]]
+        changed = self.cfg.differences(checkpoint.config_of(state), SHAPE_FIELDS)
         if changed:
             raise ValueError(f"--resume: {self.run_dir / 'last.pt'} was trained with other settings "
                              f"({'; '.join(changed)}); resume with the run's own settings or start a new --name")
@@ -197,6 +195,7 @@ class Trainer:
         else:
             if cfg.runtime.resume:
                 self._say(f"--resume: {self.run_dir} holds no last.pt yet; starting the run from epoch 1")
+                self.log.truncate(-1)  # a run killed in its first epoch: its epoch-0 record is redone too
             elif self.log.records or (self.run_dir / "last.pt").is_file():
                 raise FileExistsError(f"{self.run_dir} already holds a run; pass --resume to continue it, or "
                                       "--name (or --save-dir) to start another one beside it")
