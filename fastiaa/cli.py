@@ -1,17 +1,21 @@
-"""``fastiaa`` command line: ``train``, ``eval`` and ``data`` (kanji demo, image check).
+"""``fastiaa`` command line: ``train``, ``eval``, ``sweep``, ``report`` and ``data`` (kanji demo,
+image check).
 
 ``fastiaa train`` takes the flag names of the authors' ``run.py`` (both ``-`` and ``_``
 spellings; ``fastiaa.flags``), so their published commands run with ``python run.py`` replaced by
-``fastiaa train``.
+``fastiaa train``. ``fastiaa sweep`` trains the runs of a sweep file (``fastiaa.sweep``), whose
+flags are spelt and checked alike; ``fastiaa report`` gives a sweep's mean ± standard deviation.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 
 from fastiaa import flags
 from fastiaa.data import DATASETS
+
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train an embedding with IAA", description=(
@@ -59,6 +63,54 @@ def _cmd_data(args) -> int:
     return 1 if bad else 0
 
 
+SWEEP_OPTIONS = ("--dir", "--seeds", "--gpus-per-run", "--dry-run")
+
+
+def _cmd_sweep(args) -> int:
+    from fastiaa import sweep
+    from fastiaa.data import load_dataset
+
+    misplaced = [a for a in args.train_flags if a.split("=")[0] in SWEEP_OPTIONS]
+    if misplaced:
+        raise ValueError(f"{misplaced[0]} is a sweep option: put it before the sweep file "
+                         "(after it come `fastiaa train` flags)")
+    plan = sweep.load(args.file, directory=args.dir, seeds=args.seeds, gpus_per_run=args.gpus_per_run,
+                      train_flags=args.train_flags)
+    sweep.check_settings(plan)
+    todo = [run for run in plan.runs if not sweep.finished(run.dir)]
+    print(f"sweep {plan.file}: {len(plan.runs)} runs in {plan.dir}; {len(plan.runs) - len(todo)} finished, "
+          f"{len(todo)} to train ({plan.launcher} launcher)")
+    if args.dry_run:
+        for run in plan.runs:
+            state = "finished" if run not in todo else "resume" if (run.dir / "last.pt").is_file() else "new"
+            print(f"{state:8s} {run.name}: {shlex.join(run.command())}")
+        return 0
+    if plan.launcher == "slurm":
+        sweep.write_manifest(plan)
+        jobs = sweep.submit(plan, todo) if todo else []
+        print(f"submitted {len(jobs)} runs ({', '.join(job.job_id for job in jobs)}); submitit's logs: "
+              f"{plan.dir / 'submitit'}.\nWhen they have ended: `fastiaa report {plan.dir}`; "
+              "re-run this sweep to resume the interrupted ones.")
+        return 0
+    for dataset, data in dict.fromkeys((run.config.data.dataset, run.config.data.data) for run in todo):
+        load_dataset(dataset, data)  # a missing dataset stops the sweep here, not in every run
+    sweep.write_manifest(plan)
+    failed = sweep.run_local(todo, plan.gpus_per_run)
+    print(sweep.report(plan.dir))
+    for run, why in failed:
+        lines = run.log.read_text(errors="replace").strip().splitlines() if run.log.is_file() else []
+        print(f"fastiaa sweep: {run.name} failed ({why}); log {run.log}" + (f": {lines[-1]}" if lines else ""),
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _cmd_report(args) -> int:
+    from fastiaa import sweep
+
+    print(sweep.report(args.sweep_dir, args.compare or ()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastiaa", description="Fast IAA for deep metric learning")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", default=None, help="default: the checkpoint's data root")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--loader", default=None, help="torchvision | dali (default: the checkpoint's)")
+    sw = sub.add_parser("sweep", help="train the runs of a sweep file (a grid of train flags, seeds)", description=(
+        "Train every run of a sweep file (YAML: flags, arms, grid, compare, launcher; see the README) under one "
+        "sweep directory; finished runs are skipped, interrupted ones resumed. The local launcher ends with "
+        "`fastiaa report`. Sweep options go before the file; after it come `fastiaa train` flags for every run."))
+    sw.add_argument("--dir", default=None,
+                    help="sweep directory (default: the file's dir, else runs/sweeps/<file name>)")
+    sw.add_argument("--seeds", type=int, default=None, help="N: the grid's seeds become 0 .. N-1")
+    sw.add_argument("--gpus-per-run", type=int, default=None,
+                    help="GPUs of one run (> 1: torchrun); default: the file's")
+    sw.add_argument("--dry-run", action="store_true", help="list the runs and their commands; train nothing")
+    sw.add_argument("file", help="the sweep file (YAML)")
+    sw.add_argument("train_flags", nargs=argparse.REMAINDER, help="`fastiaa train` flags added to every run")
+    rp = sub.add_parser("report",
+                        help="mean ± std over seeds of a sweep's runs, the paper's numbers, paired differences")
+    rp.add_argument("sweep_dir", help="a directory written by `fastiaa sweep` (it holds sweep.json)")
+    rp.add_argument("--compare", nargs=2, action="append", metavar=("A", "B"),
+                    help="paired difference A - B of two configurations over their common seeds (repeatable)")
     dp = sub.add_parser("data", help="prepare or check data")
     dsub = dp.add_subparsers(dest="what", required=True)
     kj = dsub.add_parser("kanji", help="render the kanji demo dataset (SOP on-disk format)")
@@ -90,14 +159,17 @@ def main(argv: list[str] | None = None) -> int:
     from fastiaa.errors import NonFiniteError
 
     args = build_parser().parse_args(argv)
-    handler = {"train": _cmd_train, "eval": _cmd_eval, "data": _cmd_data}[args.command]
+    handler = {"train": _cmd_train, "eval": _cmd_eval, "sweep": _cmd_sweep, "report": _cmd_report,
+               "data": _cmd_data}[args.command]
     try:
         return handler(args)
     except (DatasetError, FileNotFoundError, FileExistsError, ValueError, NonFiniteError) as error:
         print(f"fastiaa {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"fastiaa {args.command}: interrupted (a training run continues with --resume)", file=sys.stderr)
+        resume = ("re-run the sweep to resume its runs" if args.command == "sweep"
+                  else "a training run continues with --resume")
+        print(f"fastiaa {args.command}: interrupted ({resume})", file=sys.stderr)
         return 130
 
 
