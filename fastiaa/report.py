@@ -185,6 +185,8 @@ def sweep_table(summary: dict, papers: dict[str, dict[str, float]], pairs: list[
     """Markdown: a table per phase (last epoch, best epoch), the paper's numbers beside each
     configuration with the difference in standard deviations, and the paired differences
     (``pairs``: ``(a, b, seeds, paired(...)[1])``)."""
+    if not summary:
+        return "No run has finished yet.\n"
     keys = metric_keys([stats["last"] for stats in summary.values()])
     lines = []
     for phase, title in PHASES.items():

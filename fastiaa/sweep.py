@@ -103,7 +103,7 @@ class Sweep:
     compare: tuple[tuple[str, str], ...]
     launcher: str             # local | slurm
     gpus_per_run: int
-    submitit: dict            # the slurm launcher's submitit.AutoExecutor parameters
+    slurm: dict               # the slurm launcher's submitit.AutoExecutor parameters
 
 
 def load(file: str | os.PathLike, directory: str | None = None, seeds: int | None = None,
@@ -344,7 +344,7 @@ def submit(sweep: Sweep, runs: Sequence[Run], cluster: str = "slurm") -> list:
     executor = submitit.AutoExecutor(folder=sweep.dir / "submitit", cluster=cluster)
     try:
         executor.update_parameters(**{"name": sweep.file.stem, "nodes": 1, "tasks_per_node": 1,
-                                      "gpus_per_node": sweep.gpus_per_run, **sweep.submitit})
+                                      "gpus_per_node": sweep.gpus_per_run, **sweep.slurm})
     except (NameError, ValueError, AssertionError) as error:
         raise ValueError(f"{sweep.file}: launcher: {str(error).splitlines()[0]}") from None
     return executor.submit_array(list(runs))

@@ -138,6 +138,12 @@ def test_slurm_job_array_parameters_and_commands(kanji_root, tmp_path, monkeypat
     """The sbatch file and the pickled job of each array task, with stand-ins for sbatch and srun."""
     import submitit
 
+    launcher = {"name": "slurm", "gpus_per_run": 2, "timeout_min": 90, "slurm_partition": "gpu",
+                "cpus_per_task": 8, "slurm_array_parallelism": 3}
+    path = write_sweep(tmp_path, kanji_root, launcher=launcher)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert cli.main(["sweep", str(path)]) == 2
+    assert "the slurm launcher needs sbatch on PATH" in capsys.readouterr().err
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {tmp_path}/submitted.sh\necho "Submitted batch job 4242"\n')
@@ -145,9 +151,6 @@ def test_slurm_job_array_parameters_and_commands(kanji_root, tmp_path, monkeypat
     for tool in ("sbatch", "srun"):
         (bin_dir / tool).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin")
-    launcher = {"name": "slurm", "gpus_per_run": 2, "timeout_min": 90, "slurm_partition": "gpu",
-                "cpus_per_task": 8, "slurm_array_parallelism": 3}
-    path = write_sweep(tmp_path, kanji_root, launcher=launcher)
     plan = sweep.load(path)
     done = plan.runs[1]
     done.dir.mkdir(parents=True)
@@ -170,6 +173,9 @@ def test_slurm_job_array_parameters_and_commands(kanji_root, tmp_path, monkeypat
     assert [c[-5:] for c in commands] == [["--save-dir", str(plan.dir), "--name", name, "--resume"]
                                           for name in ("iaa_s0", "base_s0", "base_s1")]
     assert all("--intra" in c for c in commands[1:]) and "--intra" not in commands[0]
+    typo = sweep.load(write_sweep(tmp_path, kanji_root, launcher={**launcher, "slurm_partiton": "gpu"}))
+    with pytest.raises(ValueError, match="launcher: Unknown argument 'partiton' for executor 'slurm'"):
+        sweep.submit(typo, typo.runs)
 
 
 def test_a_failed_run_is_reported_with_its_log(kanji_root, tmp_path, capsys):
@@ -178,9 +184,10 @@ def test_a_failed_run_is_reported_with_its_log(kanji_root, tmp_path, capsys):
                        compare=[])
     assert cli.main(["sweep", str(path)]) == 1
     log = tmp_path / "sweep" / "big_s0" / "train.log"
-    assert capsys.readouterr().err == (f"fastiaa sweep: big_s0 failed (exit status 2); log {log}: fastiaa train: "
-                                       "error: --batch 100000 is larger than the train set (192 images)\n")
-    assert not sweep.finished(log.parent)
+    out, err = capsys.readouterr()
+    assert err == (f"fastiaa sweep: big_s0 failed (exit status 2); log {log}: fastiaa train: "
+                   "error: --batch 100000 is larger than the train set (192 images)\n")
+    assert not sweep.finished(log.parent) and "No run has finished yet." in out
 
 
 def test_local_launcher_shares_visible_gpus_and_survives_a_failed_run(tmp_path, capsys):
