@@ -1,170 +1,29 @@
-"""``fastiaa`` command line: ``train``, ``eval`` and ``data`` (kanji demo, image check).
+"""``fastiaa`` command line: ``train``, ``eval``, ``sweep``, ``report`` and ``data`` (kanji demo,
+image check).
 
 ``fastiaa train`` takes the flag names of the authors' ``run.py`` (both ``-`` and ``_``
-spellings), so their published commands run with ``python run.py`` replaced by
-``fastiaa train``; ``--preset DATASET`` applies the settings of their published command for
-that dataset (docs/method.md §7) before the explicit flags. Every flag is a field of
-``fastiaa.config.TrainConfig`` of the same name; the choices come from the registries.
+spellings; ``fastiaa.flags``), so their published commands run with ``python run.py`` replaced by
+``fastiaa train``. ``fastiaa sweep`` trains the runs of a sweep file (``fastiaa.sweep``), whose
+flags are spelt and checked alike; ``fastiaa report`` gives a sweep's mean ± standard deviation.
 """
 from __future__ import annotations
 
 import argparse
 import errno
 import json
-import os
+import shlex
 import signal
 import sys
 
-from fastiaa import registry
-from fastiaa.config import PRESETS, TUPLE_FIELDS, TrainConfig, preset_overrides
+from fastiaa import flags
 from fastiaa.data import DATASETS
-
-COVARIANCES = ("diag", "full", "lowrank", "auto")
-
-
-def _flag(name: str) -> list[str]:
-    """``--lr-decay-epochs`` and ``--lr_decay_epochs`` alike (the authors mix both styles)."""
-    dashed, under = "--" + name.replace("_", "-"), "--" + name.replace("-", "_")
-    return [dashed] if dashed == under else [dashed, under]
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected 0 or 1, got {text!r}")
-
-
-def _positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    parse.__name__ = f"positive {kind.__name__}"
-    return parse
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _choice(*names):
-    def parse(text: str) -> str:
-        if text not in names:
-            raise argparse.ArgumentTypeError(f"choose one of {', '.join(names)} (got {text!r})")
-        return text
-    return parse
-
-
-def _loss(text: str) -> str:
-    try:
-        return registry.loss_name(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-# (config field, type, help); nargs="+" for tuple fields. Defaults come from TrainConfig.
-TRAIN_FLAGS = [
-    ("dataset", _choice(*DATASETS), f"one of {', '.join(DATASETS)}"),
-    ("data", str, "dataset root in its official layout (default ./MyDataset; kanji: data/kanji)"),
-    ("backbone", _choice(*registry.BACKBONES), f"one of {', '.join(registry.BACKBONES)}"),
-    ("pretrained", _bool, "1: ImageNet weights from --weight_path; 0: from scratch"),
-    ("weight_path", str, "ImageNet checkpoint file or folder (standard file names; default: torch hub cache)"),
-    ("embedding-size", _positive(int), "embedding dimension D"),
-    ("image-size", _positive(int), "crop size fed to the model"),
-    ("resize-size", _positive(int), "resize before cropping"),
-    ("loader", _choice("torchvision", "dali"), "torchvision | dali"),
-    ("cache", _choice("off", "auto", "ram", "device"),
-     "decode once: off | auto (GPU memory if it fits, else host memory, else off) | ram | device"),
-    ("cache-gib", _positive(float), "memory budget of the cache (default: half of the free memory)"),
-    ("cache-dir", str, "keep the decoded images in a file here, shared by later runs"),
-    ("workers", _non_negative_int, "data-loading threads / processes"),
-    ("loss", _loss, "MS | Contrastive | Triplet"),
-    ("lr", _positive(float), "learning rate of the backbone"),
-    ("head-lr-mult", _positive(float), "embedding layer lr multiplier (paper: 10)"),
-    ("weight_decay", float, "Adam weight decay"),
-    ("epochs", _positive(int), "number of epochs"),
-    ("lr-decay-epochs", int, "epochs at which the lr is multiplied by --lr-decay-gamma"),
-    ("lr-decay-gamma", float, "lr decay factor"),
-    ("batch", _positive(int), "global batch size B"),
-    ("eval_batch", _positive(int), "batch size of embedding passes"),
-    ("num_image_per_class", _positive(int), "images per class m in a batch"),
-    ("iter-per-epoch", _positive(int), "iterations per epoch (capped at len(train) // batch)"),
-    ("intra", _bool, "1: IAA synthesis on; 0: the plain loss"),
-    ("intra_lamda", float, "lambda of Eq. 17"),
-    ("aug_num", _positive(int), "synthetic samples per embedding (M)"),
-    ("start_epoch", int, "first statistics refresh after this epoch"),
-    ("warmup_epoch", int, "epochs between the first refresh and synthesis"),
-    ("update_every_M_epoch", _positive(int), "refresh period in epochs"),
-    ("momentum", float, "estimator momentum (docs/method.md §3)"),
-    ("covariance", _choice(*COVARIANCES),
-     "diag (the paper) | full (dense [C,D,D]) | lowrank (full, low-rank form) | auto (full: dense unless > 2 GiB)"),
-    ("correction", _choice("auto", "on", "off"), "neighbour correction: auto (train classes > 1000) | on | off"),
-    ("num_neighbor", _positive(int), "K neighbour classes (Eq. 11)"),
-    ("beta", float, "beta of the alpha_k rule (Eq. 15)"),
-    ("gamma", float, "share of the global covariance (Eq. 16)"),
-    ("tau", float, "classes with n >= tau are not corrected"),
-    ("official-uncorrected-sampling", _bool, "official quirk: sample from the uncorrected covariance"),
-    ("official-repeated-sqrt", _bool, "official quirk: sample m uses Sigma^(1/2^m)"),
-    ("official-zero-mean-singletons", _bool, "official quirk: single-sample classes keep a zero mean"),
-    ("official-sentinel-normalization", _bool, "official quirk: min-max over rows holding the 1e12 sentinel"),
-    ("recall", _positive(int), "Recall@K values (default: the dataset's standard K)"),
-    ("map", _bool, "1: compute MAP@R and R-Precision"),
-    ("eval-every", _non_negative_int, "evaluate every N epochs (0: never)"),
-    ("device", str, "auto | cpu | cuda | cuda:N"),
-    ("amp", _choice("auto", "off", "bf16", "fp16"), "auto | off | bf16 | fp16 (torch.autocast)"),
-    ("channels-last", _bool, "channels-last memory format"),
-    ("kernels", _choice("auto", "triton", "torch"), "auto | triton | torch"),
-    ("work-memory-mib", _positive(float), "memory budget of temporary blocks (class moments, correction, evaluation)"),
-    ("log-every", _positive(int), "steps between reads of the loss from the device (progress bar, NaN check)"),
-    ("seed", int, "random seed"),
-    ("save-dir", str, "folder of run directories"),
-    ("name", str, "run directory name (default derived from the settings)"),
-]
 
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train an embedding with IAA", description=(
         "Train an embedding with IAA. Takes the flags of the authors' run.py (both - and _ spellings); "
         "--preset DATASET applies the settings of their published command for that dataset first."))
-    p.add_argument("--preset", choices=sorted(PRESETS), help="apply the authors' settings for this dataset first")
-    for name, kind, text in TRAIN_FLAGS:
-        dest = name.replace("-", "_")
-        p.add_argument(*_flag(name), dest=dest, type=kind, default=None, help=text,
-                       nargs="+" if dest in TUPLE_FIELDS else None)
-    p.add_argument("--allow-unusual", dest="allow_unusual", action="store_true",
-                   help="accept settings outside the method's ranges (e.g. lambda > 1)")
-    p.add_argument("--diag", dest="diag", type=_bool, default=None,
-                   help="authors' flag: 1 = --covariance diag, 0 = --covariance auto")
-    p.add_argument("--resume", action="store_true", help="continue the run in its directory from last.pt")
-    p.add_argument("--gpu-id", dest="gpu_id", type=int, default=None, help="authors' flag: --device cuda:N")
-    p.add_argument("--mode", choices=["train", "eval"], default="train", help="authors' flag (eval: see `fastiaa eval`)")
-    p.add_argument("--save_models", action="store_true", help="authors' flag (checkpoints are always saved)")
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults < preset < explicit flags."""
-    values: dict = {}
-    if args.preset:
-        values.update(preset_overrides(args.preset, args.backbone, args.loss))
-    names = [name.replace("-", "_") for name, _, _ in TRAIN_FLAGS]
-    values.update({name: getattr(args, name) for name in names if getattr(args, name) is not None})
-    if args.diag is not None and args.covariance is None:
-        values["covariance"] = "diag" if args.diag else "auto"
-    if args.gpu_id is not None:
-        values["device"] = f"cuda:{args.gpu_id}"
-    values["resume"] = args.resume
-    values["allow_unusual"] = args.allow_unusual
-    dataset = values.get("dataset", TrainConfig().data.dataset)
-    if "data" not in values:
-        values["data"] = "data/kanji" if dataset == "kanji" else "MyDataset"
-    values["data"] = os.path.abspath(values["data"])  # a checkpoint's config works from any folder
-    return TrainConfig.build(**values).check()
+    flags.add_train_flags(p)
 
 
 def _cmd_train(args) -> int:
@@ -172,7 +31,7 @@ def _cmd_train(args) -> int:
         raise SystemExit("--mode eval: use `fastiaa eval --checkpoint RUN_DIR/best.pt`")
     from fastiaa.train import train
 
-    cfg = config_from_args(args)
+    cfg = flags.config_from_args(args)
     best = train(cfg)
     comparison = cfg.run_dir() / "paper_comparison.md"
     if best and comparison.is_file():
@@ -206,6 +65,54 @@ def _cmd_data(args) -> int:
     return 1 if bad else 0
 
 
+SWEEP_OPTIONS = ("--dir", "--seeds", "--gpus-per-run", "--dry-run")
+
+
+def _cmd_sweep(args) -> int:
+    from fastiaa import sweep
+    from fastiaa.data import load_dataset
+
+    misplaced = [a for a in args.train_flags if a.split("=")[0] in SWEEP_OPTIONS]
+    if misplaced:
+        raise ValueError(f"{misplaced[0]} is a sweep option: put it before the sweep file "
+                         "(after it come `fastiaa train` flags)")
+    plan = sweep.load(args.file, directory=args.dir, seeds=args.seeds, gpus_per_run=args.gpus_per_run,
+                      train_flags=args.train_flags)
+    sweep.check_settings(plan)
+    todo = [run for run in plan.runs if not sweep.finished(run.dir)]
+    print(f"sweep {plan.file}: {len(plan.runs)} runs in {plan.dir}; {len(plan.runs) - len(todo)} finished, "
+          f"{len(todo)} to train ({plan.launcher} launcher)")
+    if args.dry_run:
+        for run in plan.runs:
+            state = "finished" if run not in todo else "resume" if (run.dir / "last.pt").is_file() else "new"
+            print(f"{state:8s} {run.name}: {shlex.join(run.command())}")
+        return 0
+    if plan.launcher == "slurm":
+        sweep.write_manifest(plan)
+        jobs = sweep.submit(plan, todo) if todo else []
+        print(f"submitted {len(jobs)} runs ({', '.join(job.job_id for job in jobs)}); submitit's logs: "
+              f"{plan.dir / 'submitit'}.\nWhen they have ended: `fastiaa report {plan.dir}`; "
+              "re-run this sweep to resume the interrupted ones.")
+        return 0
+    for dataset, data in dict.fromkeys((run.config.data.dataset, run.config.data.data) for run in todo):
+        load_dataset(dataset, data)  # a missing dataset stops the sweep here, not in every run
+    sweep.write_manifest(plan)
+    failed = sweep.run_local(todo, plan.gpus_per_run)
+    print(sweep.report(plan.dir))
+    for run, why in failed:
+        lines = run.log.read_text(errors="replace").strip().splitlines() if run.log.is_file() else []
+        print(f"fastiaa sweep: {run.name} failed ({why}); log {run.log}" + (f": {lines[-1]}" if lines else ""),
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _cmd_report(args) -> int:
+    from fastiaa import sweep
+
+    print(sweep.report(args.sweep_dir, args.compare or ()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the full traceback of any error")
@@ -220,9 +127,26 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", default=None, help="default: the checkpoint's data root")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--loader", default=None, help="torchvision | dali (default: the checkpoint's)")
-    ev.add_argument("--cache", default="off", type=_choice("off", "auto", "ram", "device"),
+    ev.add_argument("--cache", default="off", choices=("off", "auto", "ram", "device"),
                     help="decode once into a cache (worth it with --cache-dir, which later evaluations reuse)")
     ev.add_argument("--cache-dir", default=None, help="the persistent cache folder of a training run's --cache-dir")
+    sw = sub.add_parser("sweep", help="train the runs of a sweep file (a grid of train flags, seeds)", description=(
+        "Train every run of a sweep file (YAML: flags, arms, grid, compare, launcher; see the README) under one "
+        "sweep directory; finished runs are skipped, interrupted ones resumed. The local launcher ends with "
+        "`fastiaa report`. Sweep options go before the file; after it come `fastiaa train` flags for every run."))
+    sw.add_argument("--dir", default=None,
+                    help="sweep directory (default: the file's dir, else runs/sweeps/<file name>)")
+    sw.add_argument("--seeds", type=int, default=None, help="N: the grid's seeds become 0 .. N-1")
+    sw.add_argument("--gpus-per-run", type=int, default=None,
+                    help="GPUs of one run (> 1: torchrun); default: the file's")
+    sw.add_argument("--dry-run", action="store_true", help="list the runs and their commands; train nothing")
+    sw.add_argument("file", help="the sweep file (YAML)")
+    sw.add_argument("train_flags", nargs=argparse.REMAINDER, help="`fastiaa train` flags added to every run")
+    rp = sub.add_parser("report",
+                        help="mean ± std over seeds of a sweep's runs, the paper's numbers, paired differences")
+    rp.add_argument("sweep_dir", help="a directory written by `fastiaa sweep` (it holds sweep.json)")
+    rp.add_argument("--compare", nargs=2, action="append", metavar=("A", "B"),
+                    help="paired difference A - B of two configurations over their common seeds (repeatable)")
     dp = sub.add_parser("data", help="prepare or check data")
     dsub = dp.add_subparsers(dest="what", required=True)
     kj = dsub.add_parser("kanji", help="render the kanji demo dataset (SOP on-disk format)")
@@ -242,9 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. An error the user can act on (bad input, unreadable data, a full or
     read-only disk, a run that went non-finite) ends it with one line on stderr that says what went
     wrong and what to do, exit 2; Ctrl-C and SIGTERM end it with exit 130 / 143 (a training run then
-    continues with --resume). A traceback means a bug in fastiaa; ``--debug`` shows it for everything."""
+    continues with --resume, a sweep when it is run again). A traceback means a bug in fastiaa; ``--debug`` shows it for everything."""
     args = build_parser().parse_args(argv)
-    handler = {"train": _cmd_train, "eval": _cmd_eval, "data": _cmd_data}[args.command]
+    handler = {"train": _cmd_train, "eval": _cmd_eval, "sweep": _cmd_sweep, "report": _cmd_report,
+               "data": _cmd_data}[args.command]
     signal.signal(signal.SIGTERM, _terminate)
     try:
         return handler(args)
@@ -252,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         how, code = ("terminated", 143) if isinstance(stop, _Terminated) else ("interrupted", 130)
-        print(f"fastiaa {args.command}: {how}; a training run continues with --resume", file=sys.stderr)
+        resume = ("re-run the sweep to resume its runs" if args.command == "sweep"
+                  else "a training run continues with --resume")
+        print(f"fastiaa {args.command}: {how}; {resume}", file=sys.stderr)
         return code
     except Exception as error:
         if args.debug or not _user_error(error):

@@ -154,6 +154,12 @@ class TrainConfig:
         """``{field name: value}`` over all groups."""
         return {k: v for group in GROUPS for k, v in dataclasses.asdict(getattr(self, group)).items()}
 
+    def differences(self, other: "TrainConfig", keys=None) -> list[str]:
+        """``--flag other's -> ours`` for every setting (of ``keys``; default all) where ``other`` differs."""
+        mine, theirs = self.flat(), other.flat()
+        return [f"--{key.replace('_', '-')} {theirs[key]} -> {mine[key]}" for key in (keys or mine)
+                if theirs[key] != mine[key]]
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
@@ -234,10 +240,13 @@ class TrainConfig:
                 raise ValueError(f"--{flag} {value}: must be {accepted}")
         return self
 
+    def run_stem(self) -> str:
+        """``<dataset>_<backbone>_<loss>_<iaa|base>``: the default run name without its seed."""
+        return f"{self.data.dataset}_{self.model.backbone}_{self.optim.loss_name}_{'iaa' if self.iaa.intra else 'base'}"
+
     def run_dir(self) -> Path:
-        name = self.runtime.name or (f"{self.data.dataset}_{self.model.backbone}_{self.optim.loss_name}_"
-                                     f"{'iaa' if self.iaa.intra else 'base'}_s{self.runtime.seed}")
-        return Path(self.runtime.save_dir) / name
+        """``save_dir / name``, the name defaulting to ``<run_stem>_s<seed>``."""
+        return Path(self.runtime.save_dir) / (self.runtime.name or f"{self.run_stem()}_s{self.runtime.seed}")
 
 
 # Settings of the authors' published commands (docs/method.md §7), as flat field names.

@@ -1,4 +1,5 @@
-"""Run records: ``metrics.jsonl``, the ``losses_and_recalls.png`` plot and the paper table.
+"""Run records: ``metrics.jsonl``, the ``losses_and_recalls.png`` plot and the paper table; the
+tables and plots of a sweep: mean ± standard deviation over seeds, paired differences.
 
 Every write rewrites the whole file atomically (they are small), so a killed run leaves
 the records of its last finished epoch and a resumed run continues them.
@@ -6,6 +7,7 @@ the records of its last finished epoch and a resumed run continues them.
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from fastiaa.checkpoint import atomic_write, atomic_write_text
@@ -44,45 +46,209 @@ class MetricsLog:
         atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records))
 
 
-def plot(records: list[dict], path: str | Path) -> None:
-    """Training loss and the Recall@K curves per epoch, side by side, saved as a PNG."""
+def metric_keys(records: list[dict]) -> list[str]:
+    """The metrics in ``records``: ``recall@K`` by increasing K, then ``map@r`` and ``r_precision``."""
+    present = {k for r in records for k in r}
+    recalls = sorted((k for k in present if k.startswith("recall@")), key=lambda k: int(k[7:]))
+    return recalls + [k for k in ("map@r", "r_precision") if k in present]
+
+
+def label(key: str) -> str:
+    """``recall@4`` -> ``Recall@4``, ``map@r`` -> ``MAP@R``, ``r_precision`` -> ``R-Precision``."""
+    return {"map@r": "MAP@R", "r_precision": "R-Precision"}.get(key, key.replace("recall@", "Recall@"))
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_rec) = plt.subplots(1, 2, figsize=(11, 4))
+    return plt
+
+
+def _save(fig, path: str | Path) -> None:
+    for ax in fig.axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    _pyplot().close(fig)
+
+
+def plot(records: list[dict], path: str | Path) -> None:
+    """Training loss and the Recall@K curves per epoch, side by side, saved as a PNG."""
+    fig, (ax_loss, ax_rec) = _pyplot().subplots(1, 2, figsize=(11, 4))
     trained = [r for r in records if r.get("loss") is not None]
     ax_loss.plot([r["epoch"] for r in trained], [r["loss"] for r in trained], marker="o")
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="Loss")
     evaluated = [r for r in records if any(k.startswith("recall@") for k in r)]
-    keys = sorted({k for r in evaluated for k in r if k.startswith("recall@")}, key=lambda k: int(k[7:]))
-    for key in keys + [k for k in ("map@r", "r_precision") if any(k in r for r in evaluated)]:
+    for key in metric_keys(evaluated):
         pts = [(r["epoch"], 100 * r[key]) for r in evaluated if key in r]
-        ax_rec.plot(*zip(*pts), marker=".", label=key.replace("recall@", "Recall@").replace("map@r", "MAP@R")
-                    .replace("r_precision", "R-Precision"))
+        ax_rec.plot(*zip(*pts), marker=".", label=label(key))
     ax_rec.set(xlabel="epoch", ylabel="%", title="Retrieval on held-out classes")
     if evaluated:
         ax_rec.legend(fontsize=8)
-    for ax in (ax_loss, ax_rec):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
+    _save(fig, path)
+
+
+def paper_numbers(dataset: str, backbone: str, loss: str, intra: bool = True) -> dict[str, float]:
+    """The paper's ``recall@1`` and ``map@r`` in percent (docs/method.md §9) for this loss and backbone
+    with IAA, or for ``intra`` False its MS baseline (GoogLeNet only); ``{}`` where it reports none."""
+    if intra:
+        found = {"recall@1": PAPER_RECALL1.get((backbone, loss), {}).get(dataset),
+                 "map@r": PAPER_MAP_AT_R.get((backbone, loss), {}).get(dataset)}
+    else:
+        found = {"recall@1": PAPER_BASELINE_RECALL1.get(dataset) if (backbone, loss) == ("googlenet", "ms") else None}
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def paper_comparison(best: dict, dataset: str, backbone: str, loss: str) -> str:
     """Markdown table of the run's best metrics next to the paper's (docs/method.md §9)."""
+    paper = paper_numbers(dataset, backbone, loss)
     rows = ["| metric | this run | paper |", "|---|---|---|"]
-    for key in sorted((k for k in best if k.startswith("recall@")), key=lambda k: int(k[7:])):
-        paper = PAPER_RECALL1.get((backbone, loss), {}).get(dataset) if key == "recall@1" else None
-        rows.append(f"| Recall@{key[7:]} | {100 * best[key]:.1f} | {'' if paper is None else f'{paper:.1f}'} |")
-    if "map@r" in best:
-        paper = PAPER_MAP_AT_R.get((backbone, loss), {}).get(dataset)
-        rows.append(f"| MAP@R | {100 * best['map@r']:.1f} | {'' if paper is None else f'{paper:.1f}'} |")
-    if "r_precision" in best:
-        rows.append(f"| R-Precision | {100 * best['r_precision']:.1f} | |")
-    base = PAPER_BASELINE_RECALL1.get(dataset)
-    if base is not None and loss == "ms" and backbone == "googlenet":
+    for key in metric_keys([best]):
+        rows.append(f"| {label(key)} | {100 * best[key]:.1f} | {f'{paper[key]:.1f}' if key in paper else ''} |")
+    base = paper_numbers(dataset, backbone, loss, intra=False).get("recall@1")
+    if base is not None:
         rows.append(f"| (paper MS baseline Recall@1) | | {base:.1f} |")
     return "\n".join(rows) + "\n"
+
+
+# -- sweeps: results is {configuration: {seed: the run's metrics.jsonl records}} ----------------
+
+PHASES = {"last": "Last epoch",
+          "best": "Best epoch of each run (highest Recall@1 on the test set, as the papers choose it: this flatters)"}
+
+
+def last_and_best(records: list[dict]) -> tuple[dict, dict] | None:
+    """The last evaluated record of a run and its best one (highest Recall@K of the smallest K, the
+    earliest such epoch, as the trainer's ``best.pt``); None when no epoch was evaluated."""
+    evaluated = [r for r in records if any(k.startswith("recall@") for k in r)]
+    if not evaluated:
+        return None
+    key = metric_keys(evaluated)[0]
+    return evaluated[-1], max(evaluated, key=lambda r: r[key])
+
+
+def spread(values) -> tuple[float, float | None, int]:
+    """Mean, sample standard deviation (n - 1 in the denominator; None for one value) and n."""
+    values = list(values)
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values)
+
+
+def _phase_records(runs: dict[int, list[dict]]) -> dict[int, tuple[dict, dict]]:
+    return {seed: picked for seed, records in sorted(runs.items()) if (picked := last_and_best(records))}
+
+
+def _common_keys(records: list[dict]) -> list[str]:
+    return [k for k in metric_keys(records) if all(k in r for r in records)]
+
+
+def summarize(results: dict[str, dict[int, list[dict]]]) -> dict[str, dict[str, dict[str, tuple]]]:
+    """{configuration: {"last" | "best": {metric: (mean, std, n)}}} in percent over the runs that were
+    evaluated, with ``"epoch"``: the epochs picked."""
+    summary = {}
+    for name, runs in results.items():
+        picked = list(_phase_records(runs).values())
+        if picked:
+            summary[name] = {}
+            for i, phase in enumerate(PHASES):
+                records = [pair[i] for pair in picked]
+                summary[name][phase] = {"epoch": spread(r["epoch"] for r in records),
+                                        **{k: spread(100 * r[k] for r in records) for k in _common_keys(records)}}
+    return summary
+
+
+def paired(results: dict[str, dict[int, list[dict]]], a: str, b: str) -> tuple[list[int], dict]:
+    """The seeds that ``a`` and ``b`` both have, and {"last" | "best": {metric: (mean, std, n)}} of the
+    per-seed differences ``a - b`` in percent points (``{}`` without a common seed)."""
+    ra, rb = _phase_records(results.get(a, {})), _phase_records(results.get(b, {}))
+    seeds, diffs = sorted(set(ra) & set(rb)), {}
+    for i, phase in enumerate(PHASES if seeds else ()):
+        x, y = [ra[s][i] for s in seeds], [rb[s][i] for s in seeds]
+        diffs[phase] = {k: spread(100 * (p[k] - q[k]) for p, q in zip(x, y)) for k in _common_keys(x + y)}
+    return seeds, diffs
+
+
+def _pm(stat: tuple, signed: bool = False) -> str:
+    mean, std, _ = stat
+    text = f"{mean:+.2f}" if signed else f"{mean:.2f}"
+    return text if std is None else f"{text} ± {std:.2f}"
+
+
+def _sigmas(stat: tuple, paper: float) -> str:
+    mean, std, _ = stat
+    return f"{(mean - paper) / std:+.1f}σ" if std else "–"
+
+
+def sweep_table(summary: dict, papers: dict[str, dict[str, float]], pairs: list[tuple]) -> str:
+    """Markdown: a table per phase (last epoch, best epoch), the paper's numbers beside each
+    configuration with the difference in standard deviations, and the paired differences
+    (``pairs``: ``(a, b, seeds, paired(...)[1])``)."""
+    if not summary:
+        return "No run has finished yet.\n"
+    keys = metric_keys([stats["last"] for stats in summary.values()])
+    lines = []
+    for phase, title in PHASES.items():
+        lines += [f"## {title}", "", "| configuration | n | epoch | " + " | ".join(map(label, keys)) + " |",
+                  "|---" * (3 + len(keys)) + "|"]
+        for name, stats in summary.items():
+            s = stats[phase]
+            lines.append(f"| {name} | {s['epoch'][2]} | {s['epoch'][0]:.3g} | "
+                         + " | ".join(_pm(s[k]) if k in s else "" for k in keys) + " |")
+        lines.append("")
+    rows = [(name, key, value) for name, numbers in papers.items() if name in summary
+            for key, value in numbers.items() if key in summary[name]["last"]]
+    if rows:
+        lines += ["## Against the paper (docs/method.md §9): (mean - paper) / standard deviation", "",
+                  "| configuration | metric | paper | last epoch | Δ / σ | best epoch | Δ / σ |", "|---" * 7 + "|"]
+        for name, key, value in rows:
+            last, best = summary[name]["last"][key], summary[name]["best"][key]
+            lines.append(f"| {name} | {label(key)} | {value:.1f} | {_pm(last)} | {_sigmas(last, value)} | "
+                         f"{_pm(best)} | {_sigmas(best, value)} |")
+        lines.append("")
+    if pairs:
+        lines += ["## Paired differences (same seeds): mean ± standard deviation of the per-seed differences", "",
+                  "| comparison | seeds | metric | last epoch | best epoch |", "|---" * 5 + "|"]
+        for a, b, seeds, diffs in pairs:
+            for key in diffs.get("last", {}):
+                best = diffs["best"].get(key)
+                lines.append(f"| {a} − {b} | {', '.join(map(str, seeds))} | {label(key)} | "
+                             f"{_pm(diffs['last'][key], True)} | {'' if best is None else _pm(best, True)} |")
+            if not seeds:
+                lines.append(f"| {a} − {b} | none finished in both | | | |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def sweep_plot(results: dict[str, dict[int, list[dict]]], summary: dict, path: str | Path) -> None:
+    """Recall@K (smallest K) per epoch, mean with a ± standard deviation band per configuration, and
+    bars with error bars of the last epoch's Recall@K, MAP@R and R-Precision; saved as a PNG."""
+    fig, (ax_curve, ax_bars) = _pyplot().subplots(1, 2, figsize=(13, 4.5))
+    keys = metric_keys([stats["last"] for stats in summary.values()])
+    shown = [k for k in keys[:1] + ["map@r", "r_precision"] if k in keys]
+    width = 0.8 / max(1, len(summary))
+    for i, (name, stats) in enumerate(summary.items()):
+        per_epoch: dict[int, list[float]] = {}
+        for records in results[name].values():
+            for r in records:
+                if keys[0] in r:
+                    per_epoch.setdefault(r["epoch"], []).append(100 * r[keys[0]])
+        epochs = sorted(per_epoch)
+        curve = [spread(per_epoch[e]) for e in epochs]
+        mean, std = [m for m, _, _ in curve], [s or 0.0 for _, s, _ in curve]
+        (line,) = ax_curve.plot(epochs, mean, marker=".", label=name)
+        ax_curve.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                              color=line.get_color(), alpha=0.2)
+        bars = [stats["last"].get(k, (float("nan"), None, 0)) for k in shown]
+        ax_bars.bar([j + i * width for j in range(len(shown))], [m for m, _, _ in bars], width,
+                    yerr=[s or 0.0 for _, s, _ in bars], capsize=3, color=line.get_color(), label=name)
+    from matplotlib.ticker import MaxNLocator
+
+    ax_curve.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_curve.set(xlabel="epoch", ylabel="%", title=f"{label(keys[0])} on held-out classes (mean ± std over seeds)")
+    ax_bars.set_xticks([j + width * (len(summary) - 1) / 2 for j in range(len(shown))], [label(k) for k in shown])
+    ax_bars.set(ylabel="%", title="Last epoch (mean ± std over seeds)")
+    for ax in (ax_curve, ax_bars):
+        ax.legend(fontsize=8)
+    _save(fig, path)

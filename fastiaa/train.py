@@ -178,9 +178,8 @@ class Trainer:
                 computes (``RESUMABLE_CHANGES``); the message lists every change.
         """
         state = checkpoint.load(self.run_dir / "last.pt", map_location=self.device)
-        theirs, mine = checkpoint.config_of(state).flat(), self.cfg.flat()
-        changed = [f"--{key.replace('_', '-')} {theirs[key]} -> {mine[key]}" for key in mine
-                   if key not in RESUMABLE_CHANGES and theirs.get(key) != mine[key]]
+        changed = self.cfg.differences(checkpoint.config_of(state),
+                                       [key for key in self.cfg.flat() if key not in RESUMABLE_CHANGES])
         if changed:
             raise ValueError(f"--resume: {self.run_dir / 'last.pt'} was trained with other settings "
                              f"({'; '.join(changed)}); resume with the run's own settings or start a new --name")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastiaa import cli
+from fastiaa import cli, flags
 
 TINY = ["--dataset", "kanji", "--backbone", "efficientnet_lite0", "--image-size", "48", "--resize-size", "56",
         "--batch", "24", "--eval_batch", "96", "--num_image_per_class", "3", "--iter-per-epoch", "2", "--epochs", "2",
@@ -70,7 +70,7 @@ def test_settings_that_cannot_learn_are_refused(capsys, data, tmp_path, flags, n
 
 
 def test_unusual_lambda_passes_with_allow_unusual(data, tmp_path):
-    cfg = cli.config_from_args(cli.build_parser().parse_args(
+    cfg = flags.config_from_args(cli.build_parser().parse_args(
         ["train", *TINY, "--data", str(data), "--intra_lamda", "5", "--allow-unusual"]))
     assert cfg.iaa.intra_lamda == 5.0
 

@@ -7,14 +7,14 @@ import os
 import pytest
 import torch
 
-from fastiaa import cli
+from fastiaa import cli, flags
 from fastiaa.config import TrainConfig
 from fastiaa.errors import NonFiniteError
 from fastiaa.train import Trainer, evaluate_checkpoint
 
 
 def parse(*argv):
-    return cli.config_from_args(cli.build_parser().parse_args(["train", *argv]))
+    return flags.config_from_args(cli.build_parser().parse_args(["train", *argv]))
 
 
 def test_authors_command_maps_onto_config():
