@@ -32,7 +32,7 @@ from fastiaa.pipelines import build_train_loader
 
 # settings a resumed run may change: where and how fast it computes, not what (everything else must match)
 RUN_FILES = ("config.json", "metrics.jsonl", "losses_and_recalls.png", "last.pt", "best.pt", "paper_comparison.md")
-RESUMABLE_CHANGES = ("device", "workers", "loader", "log_every", "work_memory_mib", "cache", "cache_gib",
+RESUMABLE_CHANGES = ("device", "workers", "log_every", "work_memory_mib", "cache", "cache_gib",
                      "cache_dir", "resume", "eval_every")
 _NO_STEP = 2**62  # "no non-finite step yet" (a min-reduction across ranks keeps the first one)
 
