@@ -15,7 +15,9 @@ from .core import Batch, Normalization, centre_crop_origin, crop_windows, normal
 
 
 class _Images(torch.utils.data.Dataset):
-    """Item ``(index, draws)`` -> (uint8 [crop, crop, 3] RGB or BGR, index). ``draws`` None = eval transform."""
+    """Item ``(index, draws)`` -> (uint8 [crop, crop, 3] RGB or BGR, index, None), or (None, index, error
+    text) for a file that cannot be decoded, which the main process raises (one line naming it).
+    ``draws`` None = eval transform."""
 
     def __init__(self, paths, resize: str, resize_size: int, crop_size: int, bgr: bool):
         self.paths = paths
@@ -33,7 +35,7 @@ class _Images(torch.utils.data.Dataset):
             with Image.open(path) as im:
                 image = im.convert("RGB")
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for broken files
-            raise unreadable(path, err) from err
+            return None, index, f"{type(err).__name__}: {err}"
         image = TF.resize(image, self.size, antialias=True)
         if draws is None:
             (top,), (left,) = centre_crop_origin([image.height], [image.width], self.crop)
@@ -44,12 +46,16 @@ class _Images(torch.utils.data.Dataset):
             if flip:
                 image = TF.hflip(image)
         pixels = np.asarray(image)
-        return torch.from_numpy(np.ascontiguousarray(pixels[..., ::-1]) if self.bgr else pixels.copy()), index
+        return torch.from_numpy(np.ascontiguousarray(pixels[..., ::-1]) if self.bgr else pixels.copy()), index, None
 
 
 def _collate(items):
-    pixels = torch.stack([pixels for pixels, _ in items])
-    indices = torch.tensor([index for _, index in items], dtype=torch.int64)
+    """-> (pixels [b, crop, crop, 3] uint8, indices [b] int64), or (None, (index, error)) of the first broken file."""
+    broken = next(((index, error) for pixels, index, error in items if pixels is None), None)
+    if broken is not None:
+        return None, broken
+    pixels = torch.stack([pixels for pixels, _, _ in items])
+    indices = torch.tensor([index for _, index, _ in items], dtype=torch.int64)
     return pixels, indices  # pinned by the DataLoader on a GPU run: the copies below are asynchronous
 
 
@@ -63,6 +69,7 @@ class ReferenceLoader:
     def __init__(self, images, plan, normalization: Normalization, resize: str, resize_size: int,
                  crop_size: int, num_threads: int, device: str, dtype: torch.dtype):
         self.device = torch.device(device)
+        self.paths = images.paths
         self.labels = torch.tensor(np.asarray(images.labels), dtype=torch.int64, device=self.device)
         self.normalization = normalization
         self.dtype = dtype
@@ -76,6 +83,9 @@ class ReferenceLoader:
 
     def __iter__(self):
         for pixels, indices in self.loader:
+            if pixels is None:
+                index, error = indices
+                raise unreadable(self.paths[index], error)
             pixels = pixels.to(self.device, non_blocking=True)
             indices = indices.to(self.device, non_blocking=True)
             yield Batch(images=normalize_nhwc(pixels, self.normalization, self.dtype), labels=self.labels[indices],
