@@ -1,5 +1,5 @@
-"""Where and how a run computes: the device, the autocast dtype and the evaluation loaders, shared
-by the trainer and ``fastiaa eval``."""
+"""Where and how a run computes: the device, the autocast dtype, the evaluation loaders and the
+model of a checkpoint, shared by the trainer, ``fastiaa eval`` and the deployment commands."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +10,7 @@ from fastiaa import distributed
 from fastiaa.config import TrainConfig
 from fastiaa.data import Dataset, ImageSet
 from fastiaa.distributed import World
+from fastiaa.models import EmbeddingNet, create_model
 from fastiaa.pipelines import NORMALIZATIONS, build_eval_loader
 
 
@@ -49,9 +50,10 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def loader_geometry(cfg: TrainConfig, dataset: Dataset, input_space: str, device: torch.device) -> dict:
-    """The keyword arguments every loader of the run shares (normalisation, resize, crop, threads, device)."""
-    return dict(normalization=NORMALIZATIONS[input_space], resize=dataset.resize, resize_size=cfg.data.resize_size,
+def loader_geometry(cfg: TrainConfig, resize: str, input_space: str, device: torch.device) -> dict:
+    """The keyword arguments every loader of the run shares (normalisation, resize mode ``resize``
+    of the dataset, crop, threads, device)."""
+    return dict(normalization=NORMALIZATIONS[input_space], resize=resize, resize_size=cfg.data.resize_size,
                 crop_size=cfg.data.image_size, num_threads=cfg.data.workers, device=str(device))
 
 
@@ -61,11 +63,29 @@ def shard_images(images: ImageSet, world: World) -> ImageSet:
     return dataclasses.replace(images, paths=images.paths[part], labels=images.labels[part])
 
 
+def eval_loader(cfg: TrainConfig, images: ImageSet, resize: str, input_space: str, device: torch.device):
+    """The evaluation pipeline of a run (docs/method.md §2: resize, centre crop) over ``images``, in order."""
+    return build_eval_loader(cfg.data.loader, images, cfg.eval.eval_batch,
+                             **loader_geometry(cfg, resize, input_space, device))
+
+
 def eval_loaders(cfg: TrainConfig, dataset: Dataset, input_space: str, device: torch.device,
                  world: World, splits=("test", "query", "gallery")) -> dict:
     """Eval loaders (resize, centre crop) of this rank's share of each split in ``splits`` that the
     dataset has: ``{"test": ...}`` or ``{"query": ..., "gallery": ...}`` (plus ``"train"`` if asked)."""
-    geometry = loader_geometry(cfg, dataset, input_space, device)
     sets = {name: getattr(dataset, name) for name in splits}
-    return {name: build_eval_loader(cfg.data.loader, shard_images(images, world), cfg.eval.eval_batch, **geometry)
+    return {name: eval_loader(cfg, shard_images(images, world), dataset.resize, input_space, device)
             for name, images in sets.items() if images is not None}
+
+
+def checkpoint_model(state: dict, cfg: TrainConfig, device: torch.device) -> EmbeddingNet:
+    """The model of a checkpoint ``state`` (``fastiaa.checkpoint.load``, its configuration ``cfg``)
+    on ``device``, in eval mode and the run's memory format.
+
+    Raises:
+        ValueError: unknown backbone, or weights that do not fit it.
+    """
+    model = create_model(cfg.model.backbone, cfg.model.embedding_size, pretrained=False)
+    model.load_state_dict(state["model"])
+    fmt = torch.channels_last if cfg.runtime.channels_last else torch.contiguous_format
+    return model.to(device, memory_format=fmt).eval()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
@@ -24,12 +25,16 @@ from tqdm import tqdm
 from fastiaa import checkpoint, distributed, memory, registry, report, runtime
 from fastiaa.config import TrainConfig
 from fastiaa.data import BalancedBatchSampler, load_dataset
+from fastiaa.data.convert import csv_text
+from fastiaa.embeddings import Embeddings
 from fastiaa.errors import NonFiniteError
 from fastiaa.evaluation import embed, evaluate
 from fastiaa.iaa import IAA
+from fastiaa.index import RetrievalIndex
 from fastiaa.models import create_model
 from fastiaa.pipelines import build_train_loader
 
+RETRIEVAL_QUERIES = 8  # queries drawn in retrievals.png
 # settings a resumed run must share with its checkpoint (they fix the shapes of what it holds)
 SHAPE_FIELDS = ("dataset", "backbone", "embedding_size", "covariance", "loss")
 _NO_STEP = 2**62  # "no non-finite step yet" (a min-reduction across ranks keeps the first one)
@@ -69,7 +74,7 @@ class Trainer:
         self.ddp = (DistributedDataParallel(self.model, broadcast_buffers=False) if self.world.distributed
                     else self.model)
 
-        geometry = runtime.loader_geometry(cfg, self.dataset, model.input_space, self.device)
+        geometry = runtime.loader_geometry(cfg, self.dataset.resize, model.input_space, self.device)
         self.train_loader = build_train_loader(cfg.data.loader, train, sampler, seed=cfg.runtime.seed,
                                                shard=(self.world.rank, self.world.world_size), **geometry)
         self.eval_loaders = runtime.eval_loaders(cfg, self.dataset, model.input_space, self.device, self.world,
@@ -152,9 +157,27 @@ class Trainer:
         return total
 
     def evaluate(self) -> dict:
-        """Recall@K / MAP@R / R-Precision on the held-out classes (docs/method.md §8), on every rank."""
+        """Recall@K / MAP@R / R-Precision on the held-out classes (docs/method.md §8), on every rank;
+        the main rank draws ``retrievals.png``."""
         loaders = {k: v for k, v in self.eval_loaders.items() if k != "train"}
-        return evaluate(self.model, loaders, self.device, self.amp, self.ks, self.cfg.eval.map, self.world)
+        return evaluate(self.model, loaders, self.device, self.amp, self.ks, self.cfg.eval.map, self.world,
+                        on_embeddings=self.draw_retrievals)
+
+    def draw_retrievals(self, query, query_labels, reference, reference_labels) -> None:
+        """``retrievals.png``: the same RETRIEVAL_QUERIES queries at every evaluation (a fixed draw),
+        each with its 5 nearest references (itself excluded when the query set is the reference set)."""
+        single = reference is None
+        queries = self.dataset.test if single else self.dataset.query
+        references = queries if single else self.dataset.gallery
+        vectors = query.cpu().numpy()
+        index = RetrievalIndex.build(Embeddings(vectors if single else reference.cpu().numpy(), references.paths,
+                                                _class_names(references), {}))
+        rows = np.sort(np.random.default_rng(0).choice(len(queries), min(RETRIEVAL_QUERIES, len(queries)),
+                                                       replace=False))
+        labels = _class_names(queries)
+        retrievals = index.retrievals(vectors[rows], [queries.paths[i] for i in rows], [labels[i] for i in rows],
+                                      5, exclude=rows if single else None)
+        report.plot_retrievals(retrievals, self.run_dir / "retrievals.png")
 
     # -- checkpoints ------------------------------------------------------------------------
     def state(self, epoch: int) -> dict:
@@ -202,6 +225,8 @@ class Trainer:
                                       "--name (or --save-dir) to start another one beside it")
         if self.world.is_main:
             checkpoint.atomic_write_text(self.run_dir / "config.json", cfg.to_json())
+            if self.dataset.split_seed is not None:  # a split fastiaa drew: the run says which images it held out
+                checkpoint.atomic_write_text(self.run_dir / "split.csv", csv_text(self.dataset))
         if self.first_epoch == 1 and cfg.eval.eval_every:
             metrics = self.evaluate()  # the starting point: the (pretrained) model before training
             self._record({"epoch": 0, **metrics})
@@ -244,6 +269,11 @@ class Trainer:
             tqdm.write(text)
 
 
+def _class_names(images) -> tuple[str, ...]:
+    """The class id of every image of an ImageSet."""
+    return tuple(images.class_ids[k] for k in images.labels)
+
+
 def summary_line(record: dict, ks) -> str:
     parts = [f"[epoch {record['epoch']}]"]
     if "loss" in record:
@@ -275,10 +305,7 @@ def evaluate_checkpoint(path, dataset: str | None = None, data: str | None = Non
     overrides = {k: v for k, v in (("dataset", dataset), ("data", data), ("loader", loader)) if v is not None}
     cfg = checkpoint.config_of(state).replace(pretrained=False, device=device, **overrides)
     dev = runtime.resolve_device(cfg.runtime.device)
-    model = create_model(cfg.model.backbone, cfg.model.embedding_size, pretrained=False)
-    model.load_state_dict(state["model"])
-    fmt = torch.channels_last if cfg.runtime.channels_last else torch.contiguous_format
-    model = model.to(dev, memory_format=fmt)
+    model = runtime.checkpoint_model(state, cfg, dev)
     ds = load_dataset(cfg.data.dataset, cfg.data.data)
     loaders = runtime.eval_loaders(cfg, ds, model.input_space, dev, distributed.World())
     ks = tuple(cfg.eval.recall) if cfg.eval.recall else ds.recall_ks

@@ -512,3 +512,19 @@ def test_convert_round_trips_through_csv_and_folders(tmp_path, jpegs):
     assert again.query.paths == inshop.query.paths and again.gallery.paths == inshop.gallery.paths
     np.testing.assert_array_equal(again.gallery.labels, inshop.gallery.labels)
 
+
+def test_data_check_reports_single_image_classes(tmp_path, jpegs, capsys):
+    from fastiaa import cli
+
+    _folders(tmp_path, jpegs, {"train": {"cat": 2, "ant": 1, "bee": 1}, "test": {"owl": 2, "emu": 1}})
+    assert cli.main(["data", "check", "--dataset", "folder", "--data", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("train: 4 images, 3 classes, 1-2 (median 1) images per class, 2 with a single image (ant, bee; "
+                      "legal: batches skip them (no positive pair), the statistics keep them and neighbour correction "
+                      "serves the classes with few images, docs/method.md §4)")
+    assert out[1].startswith("test: 3 images, 2 classes, 1-2 (median 1.5) images per class, 1 with a single image (emu;")
+    assert out[-1] == "7 images checked, 0 unreadable"
+    empty = tmp_path / "no_images"
+    (empty / "train").mkdir(parents=True)
+    assert cli.main(["data", "check", "--dataset", "folder", "--data", str(empty)]) == 2
+    assert capsys.readouterr().err.startswith("fastiaa data: error: Folder dataset: no class folder, so no image")
