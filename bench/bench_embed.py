@@ -75,8 +75,6 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="rounds; the fastest of each method is kept")
     args = parser.parse_args()
 
-    import torch
-
     from fastiaa import checkpoint
     from fastiaa.data import load_dataset
     from fastiaa.models import create_model

@@ -316,9 +316,11 @@ def _checkpoint_flags(p, embeds: bool = True) -> None:
         p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
         p.add_argument("--loader", type=_choice("torchvision", "dali"), default=None,
                        help="torchvision | dali (default: the checkpoint's)")
-        p.add_argument("--batch", type=_positive(int), default=None, help="images per batch (default: the run's eval_batch)")
+        p.add_argument("--batch", type=_positive(int), default=None,
+                       help="images per batch (default: the run's eval_batch)")
         p.add_argument("--workers", type=_non_negative_int, default=None, help="loader threads (default: the run's)")
-        p.add_argument("--strict", action="store_true", help="stop at the first unreadable image (default: list and skip)")
+        p.add_argument("--strict", action="store_true",
+                       help="stop at the first unreadable image (default: list and skip)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -346,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     cv = dsub.add_parser("convert", help="write a dataset as class folders or as a CSV (the layouts of your own data)")
     cv.add_argument("--dataset", required=True, choices=DATASETS)
     cv.add_argument("--data", required=True)
-    cv.add_argument("--to", required=True, choices=["folder", "csv"], help="folder: OUT/train|test/<class>/; csv: OUT.csv")
+    cv.add_argument("--to", required=True, choices=["folder", "csv"],
+                    help="folder: OUT/train|test/<class>/; csv: OUT.csv")
     cv.add_argument("--out", required=True, help="the new folder, or the .csv file")
     cv.add_argument("--classes", type=_positive(int), default=None,
                     help="keep only the first N classes of each split (a small copy to try things on)")

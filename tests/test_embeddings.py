@@ -30,7 +30,8 @@ def held_out(own_run):
 
 
 def _list_csv(path, images) -> str:
-    path.write_text("path,label\n" + "".join(f"{p},{images.class_ids[k]}\n" for p, k in zip(images.paths, images.labels)))
+    rows = (f"{p},{images.class_ids[k]}\n" for p, k in zip(images.paths, images.labels))
+    path.write_text("path,label\n" + "".join(rows))
     return str(path)
 
 
@@ -121,3 +122,24 @@ def test_another_dimension_or_model_is_refused():
         require_same_model({**ours, "embedding_size": 128}, "index a", ours, "checkpoint b")
     with pytest.raises(ValueError, match="another model than checkpoint b .weights ffff vs 0123456789abcdef"):
         require_same_model({**ours, "weights": "ffff"}, "index a", ours, "checkpoint b")
+
+
+@pytest.mark.gpu
+def test_gpu_embed_with_either_loader_matches_the_cpu(photo_root, tmp_path):
+    """`fastiaa embed --device cuda` (DALI's GPU decoder, or torchvision) against the CPU reference:
+    the same images in the same order, embeddings equal up to resampling and float rounding."""
+    from fastiaa.config import TrainConfig
+    from fastiaa.embeddings import Embedder
+    from fastiaa.models import create_model
+
+    cfg = TrainConfig.build(dataset="kanji", data=str(photo_root), backbone="efficientnet_lite0", image_size=48,
+                            resize_size=56, eval_batch=32, workers=2, amp="off", pretrained=False)
+    torch.manual_seed(0)
+    checkpoint.save(tmp_path / "m.pt", {"config": cfg.to_dict(), "model": create_model("efficientnet_lite0", 512,
+                                                                                      False).state_dict()})
+    paths = load_dataset("kanji", photo_root).test.paths
+    cpu = Embedder(tmp_path / "m.pt", "cpu", "torchvision").embed(paths).vectors
+    for loader in ("dali", "torchvision"):
+        gpu = Embedder(tmp_path / "m.pt", "cuda", loader).embed(paths).vectors
+        cosine = (gpu * cpu).sum(1) / np.linalg.norm(gpu, axis=1) / np.linalg.norm(cpu, axis=1)
+        assert gpu.shape == cpu.shape and cosine.min() > 0.99, (loader, cosine.min())

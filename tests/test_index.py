@@ -110,8 +110,9 @@ def test_index_and_search_commands_on_a_trained_model(own_run, tmp_path, capsys)
     for size, message in ((64, "holds 512-d embeddings but checkpoint .* gives 64-d ones"),
                           (512, "holds the embeddings of another model than checkpoint .* .weights")):
         torch.manual_seed(size)
+        weights = create_model("efficientnet_lite0", size, False).state_dict()
         checkpoint.save(tmp_path / f"other{size}.pt", {"config": other.replace(embedding_size=size).to_dict(),
-                                                      "model": create_model("efficientnet_lite0", size, False).state_dict()})
+                                                      "model": weights})
         assert cli.main(["search", "--index", index, "--checkpoint", str(tmp_path / f"other{size}.pt"),
                          "--query", query, "--device", "cpu"]) == 2
         err = capsys.readouterr().err.split("\r")[-1]  # after the progress bars

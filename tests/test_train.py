@@ -306,10 +306,13 @@ def test_a_drawn_split_is_written_beside_the_run_and_every_evaluation_draws_retr
     assert schedule_marks(records(own_run["config"])) == ([1], 1)  # refresh and synthesis in epoch 1
 
 
-def test_training_on_a_csv_copy_from_the_command_line(kanji_root, tmp_path, capsys):
+def test_training_on_a_csv_copy_with_a_query_gallery_protocol(kanji_root, tmp_path, capsys):
     data = tmp_path / "kanji.csv"
     assert cli.main(["data", "convert", "--dataset", "kanji", "--data", str(kanji_root), "--to", "csv",
                      "--out", str(data), "--classes", "12"]) == 0
+    header, *rows = data.read_text().splitlines()  # test rows: alternately query and gallery
+    flags = [",0,0" if row.endswith(",train") else (",1,0" if i % 2 else ",0,1") for i, row in enumerate(rows)]
+    data.write_text("\n".join([header + ",is_query,is_gallery"] + [r + f for r, f in zip(rows, flags)]) + "\n")
     assert cli.main(["train", "--dataset", "csv", "--data", str(data), "--backbone", "efficientnet_lite0",
                      "--image-size", "48", "--resize-size", "56", "--batch", "24", "--num_image_per_class", "3",
                      "--iter-per-epoch", "1", "--epochs", "1", "--embedding-size", "32", "--workers", "0",
@@ -318,7 +321,7 @@ def test_training_on_a_csv_copy_from_the_command_line(kanji_root, tmp_path, caps
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert (run / "retrievals.png").is_file() and not (run / "split.csv").exists()  # the CSV holds the split
     assert evaluate_checkpoint(run / "best.pt", device="cpu")["recall@1"] == last["recall@1"]
-    assert last["num_queries"] == 12 * 8
+    assert last["num_queries"] == 12 * 8 // 2  # the queries, searched against the gallery
 
 
 def test_schedule_marks_and_retrieval_frames(kanji_root, tmp_path):

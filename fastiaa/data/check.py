@@ -51,7 +51,8 @@ def describe(dataset) -> list[str]:
         sizes, lone = counts[counts > 0], [images.class_ids[k] for k in np.flatnonzero(counts == 1)]
         spread = (f"{sizes.min()}" if sizes.min() == sizes.max() else
                   f"{sizes.min()}-{sizes.max()} (median {np.median(sizes):g})")
-        line = f"{name}: {len(images)} images, {len(sizes)} classes, {spread} images per class, {len(lone)} with a single image"
+        line = (f"{name}: {len(images)} images, {len(sizes)} classes, {spread} images per class, "
+                f"{len(lone)} with a single image")
         if lone:
             shown = ", ".join(lone[:5]) + (", ..." if len(lone) > 5 else "")
             line += f" ({shown}; {_SINGLE_IMAGE[name]})"
@@ -60,6 +61,7 @@ def describe(dataset) -> list[str]:
                 for c in getattr(dataset, n).class_ids}
     shared = sorted(set(dataset.train.class_ids) & held_out)
     if shared:
-        lines.append(f"{len(shared)} class ids are both in train and in the evaluation split ({', '.join(shared[:5])}"
-                     f"{', ...' if len(shared) > 5 else ''}): zero-shot retrieval keeps them apart (docs/method.md §1)")
+        shown = ", ".join(shared[:5]) + (", ..." if len(shared) > 5 else "")
+        lines.append(f"{len(shared)} class ids are both in train and in the evaluation split ({shown}): "
+                     "zero-shot retrieval keeps them apart (docs/method.md §1)")
     return lines

@@ -339,8 +339,8 @@ def _class_folders(split_dir: Path, info: _Info) -> dict[str, list[str]]:
                              "a file directly in the split folder: put each image in its class folder")
         images, others = _walk_images(Path(entry.path))
         if others:
-            raise info.error(MalformedDatasetError, Path(others[0]),
-                             f"not an image (names end in {', '.join(IMAGE_EXTENSIONS)}): move it out of the class folder")
+            raise info.error(MalformedDatasetError, Path(others[0]), f"not an image (names end in "
+                             f"{', '.join(IMAGE_EXTENSIONS)}): move it out of the class folder")
         if not images:
             raise info.error(MalformedDatasetError, Path(entry.path), "empty class folder: add its images or remove it")
         classes[entry.name] = images
@@ -407,8 +407,8 @@ def read_csv_rows(csv_path: str | os.PathLike, required: tuple[str, ...] = CSV_C
     header = [name.strip() for name in next(reader, [])]
     missing = [name for name in required if name not in header]
     if missing:
-        raise info.error(MalformedDatasetError, csv_path,
-                         f"line 1 (the header) has no column {', '.join(missing)}; it has {','.join(header) or 'nothing'}")
+        raise info.error(MalformedDatasetError, csv_path, f"line 1 (the header) has no column "
+                         f"{', '.join(missing)}; it has {','.join(header) or 'nothing'}")
     protocol = [name for name in ("is_query", "is_gallery") if name in header]
     if len(protocol) == 1:
         raise info.error(MalformedDatasetError, csv_path,
