@@ -23,6 +23,7 @@ import numpy as np
 
 from fastiaa import checkpoint, registry
 from fastiaa.embeddings import Embeddings
+from fastiaa.report import Hit, Retrieval
 
 KINDS = registry.INDEX_KINDS
 FORMAT = "fastiaa-index/1"
@@ -76,24 +77,6 @@ def _faiss_index(x: np.ndarray, settings: IndexSettings) -> faiss.Index:
         index.nprobe = min(settings.nprobe, nlist)
     index.add(x)
     return index
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One neighbour: image ``path``, its ``label`` and its cosine ``similarity`` to the query."""
-
-    path: str
-    label: str
-    similarity: float
-
-
-@dataclass(frozen=True)
-class Retrieval:
-    """A query (``path``, ``label``, "" when unlabelled) and its ``hits``, nearest first."""
-
-    path: str
-    label: str
-    hits: tuple[Hit, ...]
 
 
 class RetrievalIndex:

@@ -7,6 +7,7 @@ the records of its last finished epoch and a resumed run continues them.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastiaa.checkpoint import atomic_write, atomic_write_text
@@ -98,12 +99,30 @@ def plot(records: list[dict], path: str | Path) -> None:
     plt.close(fig)
 
 
+@dataclass(frozen=True)
+class Hit:
+    """One neighbour: image ``path``, its ``label`` and its cosine ``similarity`` to the query."""
+
+    path: str
+    label: str
+    similarity: float
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    """A query (``path``, ``label``, "" when unlabelled) and its ``hits``, nearest first."""
+
+    path: str
+    label: str
+    hits: tuple[Hit, ...]
+
+
 FRAME_COLOURS = {True: "#1a9641", False: "#d7191c", None: "#8c8c8c"}
 """Frame of a neighbour: same class as the query (green), another class (red), query unlabelled (grey)."""
 
 
-def plot_retrievals(retrievals, path: str | Path, columns: int = 5) -> list[list[bool | None]]:
-    """Each query (``fastiaa.index.Retrieval``) in a row with its first ``columns`` neighbours, framed
+def plot_retrievals(retrievals: list[Retrieval], path: str | Path, columns: int = 5) -> list[list[bool | None]]:
+    """Each query (:class:`Retrieval`) in a row with its first ``columns`` neighbours, framed
     by :data:`FRAME_COLOURS`, the cosine similarity and the label under each; saved as a PNG.
 
     Returns:

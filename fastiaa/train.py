@@ -26,11 +26,9 @@ from fastiaa import checkpoint, distributed, memory, registry, report, runtime
 from fastiaa.config import TrainConfig
 from fastiaa.data import BalancedBatchSampler, load_dataset
 from fastiaa.data.convert import csv_text
-from fastiaa.embeddings import Embeddings
 from fastiaa.errors import NonFiniteError
 from fastiaa.evaluation import embed, evaluate
 from fastiaa.iaa import IAA
-from fastiaa.index import RetrievalIndex
 from fastiaa.models import create_model
 from fastiaa.pipelines import build_train_loader
 
@@ -165,18 +163,22 @@ class Trainer:
 
     def draw_retrievals(self, query, query_labels, reference, reference_labels) -> None:
         """``retrievals.png``: the same RETRIEVAL_QUERIES queries at every evaluation (a fixed draw),
-        each with its 5 nearest references (itself excluded when the query set is the reference set)."""
+        each with its 5 nearest references by cosine similarity (itself excluded when the query set
+        is the reference set), found on the device, where the embeddings are."""
         single = reference is None
         queries = self.dataset.test if single else self.dataset.query
         references = queries if single else self.dataset.gallery
-        vectors = query.cpu().numpy()
-        index = RetrievalIndex.build(Embeddings(vectors if single else reference.cpu().numpy(), references.paths,
-                                                _class_names(references), {}))
         rows = np.sort(np.random.default_rng(0).choice(len(queries), min(RETRIEVAL_QUERIES, len(queries)),
                                                        replace=False))
-        labels = _class_names(queries)
-        retrievals = index.retrievals(vectors[rows], [queries.paths[i] for i in rows], [labels[i] for i in rows],
-                                      5, exclude=rows if single else None)
+        picked = torch.from_numpy(rows).to(query.device)
+        similarity = F.normalize(query[picked], dim=1) @ F.normalize(query if single else reference, dim=1).T
+        if single:
+            similarity[torch.arange(len(rows)), picked] = -torch.inf
+        top, ids = similarity.topk(min(5, similarity.shape[1] - int(single)), dim=1)
+        query_names, reference_names = _class_names(queries), _class_names(references)
+        retrievals = [report.Retrieval(queries.paths[q], query_names[q], tuple(
+            report.Hit(references.paths[i], reference_names[i], s) for s, i in zip(sims, found)))
+            for q, sims, found in zip(rows.tolist(), top.tolist(), ids.tolist())]
         report.plot_retrievals(retrievals, self.run_dir / "retrievals.png")
 
     # -- checkpoints ------------------------------------------------------------------------

@@ -528,3 +528,8 @@ def test_data_check_reports_single_image_classes(tmp_path, jpegs, capsys):
     (empty / "train").mkdir(parents=True)
     assert cli.main(["data", "check", "--dataset", "folder", "--data", str(empty)]) == 2
     assert capsys.readouterr().err.startswith("fastiaa data: error: Folder dataset: no class folder, so no image")
+    table = _csv(tmp_path / "csv", jpegs, ["img/0.jpg,cat,train", "img/1.jpg,cat,tset"])
+    assert cli.main(["data", "check", "--dataset", "csv", "--data", str(table)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastiaa data: error: CSV dataset: line 3: split 'tset' is not one of train, test, "
+                          f"validation ({table})") and len(err.splitlines()) == 1

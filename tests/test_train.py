@@ -329,8 +329,7 @@ def test_schedule_marks_and_retrieval_frames(kanji_root, tmp_path):
     from PIL import Image
 
     from fastiaa.data import load_dataset
-    from fastiaa.index import Hit, Retrieval
-    from fastiaa.report import FRAME_COLOURS, plot_retrievals, schedule_marks
+    from fastiaa.report import FRAME_COLOURS, Hit, Retrieval, plot_retrievals, schedule_marks
 
     recs = [{"epoch": 0}, {"epoch": 1, "lambda": 0.0, "loss": 1}, {"epoch": 2, "refresh_s": 3, "lambda": 0.0, "loss": 1},
             {"epoch": 3, "lambda": 0.5, "loss": 2}, {"epoch": 4, "refresh_s": 3, "lambda": 0.5, "loss": 2}]
