@@ -63,6 +63,8 @@ bench: $(STAMP) $(KANJI)
 	$(BIN)/python -m bench.bench_cache
 	$(BIN)/python -m bench.bench_train
 	$(BIN)/python -m bench.bench_ddp
+	$(BIN)/python -m bench.bench_index
+	$(BIN)/python -m bench.bench_embed
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

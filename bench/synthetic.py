@@ -3,6 +3,7 @@
 Embeddings (numpy, class centre + noise):
   sop_like           Stanford Online Products-shaped: classes of 2-12 images (docs/method.md §1)
   cars_like          Cars-196 train-shaped: classes of 59-97 images
+  catalogue          a retrieval catalogue and its queries: clusters of very different sizes
 Image folders in SOP format (``load_dataset("kanji", root)`` reads them, docs/method.md §1):
   make_photos        500x500 JPEGs cut from scikit-image's bundled colour photographs
   kanji_root         the kanji demo (data/kanji), or a small build of it when that is absent
@@ -63,6 +64,23 @@ def cars_like(n: int, classes: int, dim: int, seed: int = 0) -> tuple[np.ndarray
     centres = rng.standard_normal((classes, dim), dtype=np.float32)
     x = centres[labels] + 1.1 * rng.standard_normal((n, dim), dtype=np.float32)
     return x, labels.astype(np.int64)
+
+
+def catalogue(n: int, queries: int, dim: int = 512, clusters: int = 2000, rank: int = 16, seed: int = 0
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """A catalogue ``[n, dim]`` and ``[queries, dim]`` query float32 embeddings drawn alike: a point is
+    its cluster's centre (standard normal), plus a variation of 3 standard deviations in a shared
+    ``rank``-dimensional subspace (embeddings vary along few directions within a class), plus
+    isotropic noise of 0.1; cluster sizes are heavy-tailed (log-normal weights, as product
+    categories are)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim), dtype=np.float32)
+    basis = np.linalg.qr(rng.standard_normal((dim, rank)))[0].T.astype(np.float32)  # [rank, dim] orthonormal
+    weights = rng.lognormal(0.0, 1.0, clusters)
+    x = centres[rng.choice(clusters, size=n + queries, p=weights / weights.sum())]
+    x += (3.0 * rng.standard_normal((n + queries, rank), dtype=np.float32)) @ basis
+    x += 0.1 * rng.standard_normal((n + queries, dim), dtype=np.float32)
+    return x[:n], x[n:]
 
 
 # ------------------------------------------------------------------ image folders (SOP format)

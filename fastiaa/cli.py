@@ -1,5 +1,6 @@
-"""``fastiaa`` command line: ``train``, ``eval``, ``sweep``, ``report`` and ``data`` (kanji demo,
-image check).
+"""``fastiaa`` command line: ``train``, ``eval``, ``sweep``, ``report``, ``data`` (kanji demo, check,
+convert) and the way from a trained model to a deployed retrieval index: ``embed``, ``index`` (build,
+eval), ``search``, ``export``.
 
 ``fastiaa train`` takes the flag names of the authors' ``run.py`` (both ``-`` and ``_``
 spellings; ``fastiaa.flags``), so their published commands run with ``python run.py`` replaced by
@@ -15,8 +16,9 @@ import shlex
 import signal
 import sys
 
-from fastiaa import flags
+from fastiaa import flags, registry
 from fastiaa.data import DATASETS
+from fastiaa.flags import choice, non_negative_int, positive
 
 
 def _train_parser(sub) -> None:
@@ -50,6 +52,7 @@ def _cmd_eval(args) -> int:
 
 def _cmd_data(args) -> int:
     from fastiaa import data
+    from fastiaa.data.check import describe
 
     if args.what == "kanji":
         out = data.build_kanji(args.out, num_classes=args.classes, image_size=args.size, seed=args.seed,
@@ -57,12 +60,137 @@ def _cmd_data(args) -> int:
         print(f"kanji demo data ready in {out}")
         return 0
     dataset = data.load_dataset(args.dataset, args.data)
+    if args.what == "convert":
+        return _convert(dataset, args)
+    print("\n".join(describe(dataset)))
     sets = [s for s in (dataset.train, dataset.test, dataset.query, dataset.gallery) if s is not None]
     bad = data.check_images([p for s in sets for p in s.paths])
     for path, error in bad:
         print(f"unreadable: {path}: {error}", file=sys.stderr)
     print(f"{sum(len(s) for s in sets)} images checked, {len(bad)} unreadable")
     return 1 if bad else 0
+
+
+def _convert(dataset, args) -> int:
+    from pathlib import Path
+
+    from fastiaa.checkpoint import atomic_write_text
+    from fastiaa.data.check import describe
+    from fastiaa.data.convert import csv_text, first_classes, write_folders
+
+    if args.classes is not None:
+        dataset = first_classes(dataset, args.classes)
+    out = Path(args.out).absolute()
+    if args.to == "folder":
+        write_folders(dataset, out)
+    else:
+        if out.suffix.lower() != ".csv":
+            raise ValueError(f"--out {args.out}: a csv dataset is a file ending in .csv")
+        if out.exists():
+            raise FileExistsError(f"{out} already exists: remove it or choose another --out")
+        atomic_write_text(out, csv_text(dataset, out.parent))
+    print("\n".join(describe(dataset)))
+    print(f"{args.dataset} written to {out}: train with --dataset {args.to} --data {args.out}")
+    return 0
+
+
+def _report_skipped(embeddings) -> None:
+    for path, error in embeddings.skipped:
+        print(f"skipped (unreadable): {path}: {error}", file=sys.stderr)
+
+
+def _embedder(args):
+    from fastiaa.embeddings import Embedder
+
+    return Embedder(args.checkpoint, args.device, args.loader, args.batch, args.workers)
+
+
+def _cmd_embed(args) -> int:
+    from fastiaa.embeddings import image_inputs, sidecar
+
+    if not args.out.endswith(".npy"):
+        raise ValueError(f"--out {args.out}: embeddings are written as FILE.npy (and the sidecar FILE.json)")
+    paths, labels = image_inputs(args.images)
+    embeddings = _embedder(args).embed(paths, labels, strict=args.strict)
+    embeddings.save(args.out, args.dtype)
+    _report_skipped(embeddings)
+    print(f"{len(embeddings.paths)} images embedded ({embeddings.dim}-d {args.dtype}) to {args.out} and "
+          f"{sidecar(args.out)}; {len(embeddings.skipped)} unreadable skipped")
+    return 0
+
+
+def _cmd_index(args) -> int:
+    from fastiaa.embeddings import Embeddings, require_same_model
+    from fastiaa.index import IndexSettings, RetrievalIndex
+
+    if args.action == "build":
+        names = ("kind", "hnsw_m", "ef_construction", "ef_search", "nlist", "nprobe")
+        settings = IndexSettings(**{k: getattr(args, k) for k in names if getattr(args, k) is not None})
+        index = RetrievalIndex.build(Embeddings.load(args.embeddings), settings)
+        index.save(args.out)
+        print(f"{settings.kind} index of {len(index)} {index.dim}-d embeddings written to {args.out}")
+        return 0
+    index, queries = RetrievalIndex.load(args.index), Embeddings.load(args.queries)
+    require_same_model(index.model, f"index {args.index}", queries.model, f"embeddings {args.queries}")
+    print(json.dumps(index.recall(queries, tuple(args.recall)), indent=2))
+    return 0
+
+
+PLOT_QUERIES = 16  # rows of `fastiaa search --plot`
+
+
+def _cmd_search(args) -> int:
+    from pathlib import Path
+
+    from fastiaa.checkpoint import atomic_write_text
+    from fastiaa.embeddings import image_inputs, require_same_model
+    from fastiaa.index import RetrievalIndex, results_table
+    from fastiaa.report import plot_retrievals
+
+    fmt = {".json": "json", ".csv": "csv"}.get(Path(args.out).suffix.lower()) if args.out else "text"
+    if fmt is None:
+        raise ValueError(f"--out {args.out}: results are written as .json or .csv")
+    index = RetrievalIndex.load(args.index)
+    paths, labels = image_inputs(args.query)
+    embedder = _embedder(args)
+    require_same_model(index.model, f"index {args.index}", embedder.fingerprint, f"checkpoint {args.checkpoint}")
+    queries = embedder.embed(paths, labels, strict=args.strict, desc="embed queries")
+    _report_skipped(queries)
+    retrievals = index.retrievals(queries.vectors, queries.paths, queries.labels, args.k)
+    if args.out:
+        atomic_write_text(args.out, results_table(retrievals, fmt))
+        print(f"neighbours of {len(retrievals)} queries written to {args.out}")
+    else:
+        print(results_table(retrievals, "text"), end="")
+    if args.plot:
+        plot_retrievals(retrievals[:PLOT_QUERIES], args.plot)
+        print(f"retrievals of the first {min(len(retrievals), PLOT_QUERIES)} queries drawn in {args.plot}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from fastiaa.export import export
+
+    meta = export(args.checkpoint, args.format, args.out)
+    print(f"{args.format} model written to {args.out}\n  input   {meta['input']} ({meta['preprocessing']})\n"
+          f"  output  {meta['output']}\n  max |difference| from the PyTorch model on 3 random images: "
+          f"{meta['max_abs_difference']:.1e}")
+    return 0
+
+
+def _checkpoint_flags(p, embeds: bool = True) -> None:
+    """--checkpoint, and for the commands that embed images, where and how they are embedded."""
+    p.add_argument("--checkpoint", required=True, help="a best.pt or last.pt written by `fastiaa train`")
+    if embeds:
+        p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+        p.add_argument("--loader", type=choice("torchvision", "dali"), default=None,
+                       help="torchvision | dali (default: the checkpoint's)")
+        p.add_argument("--batch", type=positive(int), default=None,
+                       help="images per batch (default: the run's eval_batch)")
+        p.add_argument("--workers", type=non_negative_int, default=None, help="loader threads (default: the run's)")
+        p.add_argument("--strict", action="store_true",
+                       help="stop at the first unreadable image (default: list and skip)")
+
 
 
 SWEEP_OPTIONS = ("--dir", "--seeds", "--gpus-per-run", "--dry-run")
@@ -156,9 +284,58 @@ def build_parser() -> argparse.ArgumentParser:
     kj.add_argument("--seed", type=int, default=0)
     kj.add_argument("--fonts", nargs="+", default=None, help="font names (default: the built-in 16)")
     kj.add_argument("--no-install", action="store_true", help="never apt-get install missing font packages")
-    ck = dsub.add_parser("check", help="decode every image of a dataset and list unreadable files")
+    ck = dsub.add_parser("check", help="describe a dataset's splits, decode every image and list unreadable files")
     ck.add_argument("--dataset", required=True, choices=DATASETS)
     ck.add_argument("--data", required=True)
+    cv = dsub.add_parser("convert", help="write a dataset as class folders or as a CSV (the layouts of your own data)")
+    cv.add_argument("--dataset", required=True, choices=DATASETS)
+    cv.add_argument("--data", required=True)
+    cv.add_argument("--to", required=True, choices=["folder", "csv"],
+                    help="folder: OUT/train|test/<class>/; csv: OUT.csv")
+    cv.add_argument("--out", required=True, help="the new folder, or the .csv file")
+    cv.add_argument("--classes", type=positive(int), default=None,
+                    help="keep only the first N classes of each split (a small copy to try things on)")
+
+    em = sub.add_parser("embed", help="embed images with a trained model: FILE.npy + FILE.json (paths, labels)")
+    _checkpoint_flags(em)
+    em.add_argument("--images", nargs="+", required=True,
+                    help="image files, folders of images (labelled by their class folder) or .csv lists")
+    em.add_argument("--out", required=True, help="FILE.npy (its sidecar FILE.json is written beside)")
+    em.add_argument("--dtype", type=choice(*registry.EMBEDDING_DTYPES), default="float32",
+                    help=" | ".join(registry.EMBEDDING_DTYPES))
+
+    ix = sub.add_parser("index", help="build a faiss index from an embeddings file, or measure its Recall@K")
+    isub = ix.add_subparsers(dest="action", required=True)
+    ib = isub.add_parser("build", help="a faiss index (exact by default) of `fastiaa embed` output")
+    ib.add_argument("--embeddings", required=True, help="FILE.npy written by `fastiaa embed`")
+    ib.add_argument("--out", required=True, help="the index file (e.g. catalogue.index)")
+    ib.add_argument("--kind", type=choice(*registry.INDEX_KINDS), default=None,
+                    help="flat (exact inner product, default) | hnsw (graph) | ivf (k-means cells)")
+    ib.add_argument("--hnsw-m", dest="hnsw_m", type=positive(int), default=None, help="hnsw: links per vector (32)")
+    ib.add_argument("--ef-construction", dest="ef_construction", type=positive(int), default=None,
+                    help="hnsw: candidate list while building (80)")
+    ib.add_argument("--ef-search", dest="ef_search", type=positive(int), default=None,
+                    help="hnsw: candidate list while searching (128)")
+    ib.add_argument("--nlist", type=positive(int), default=None, help="ivf: cells (default 4 sqrt(N), at most N / 39)")
+    ib.add_argument("--nprobe", type=positive(int), default=None, help="ivf: cells visited per query (16)")
+    ie = isub.add_parser("eval", help="Recall@K of labelled embeddings searched in the index (itself excluded)")
+    ie.add_argument("--index", required=True)
+    ie.add_argument("--queries", required=True, help="FILE.npy of labelled images (the index's own: leave-one-out)")
+    ie.add_argument("--recall", type=positive(int), nargs="+", default=[1, 2, 4, 8], help="the K of Recall@K")
+
+    se = sub.add_parser("search", help="embed query images and print (or write) their nearest indexed images")
+    _checkpoint_flags(se)
+    se.add_argument("--index", required=True, help="built by `fastiaa index build` from this checkpoint's embeddings")
+    se.add_argument("--query", nargs="+", required=True, help="image files, folders of images or .csv lists")
+    se.add_argument("--k", type=positive(int), default=10, help="neighbours per query")
+    se.add_argument("--out", default=None, help="write the neighbours to FILE.json or FILE.csv instead of printing")
+    se.add_argument("--plot", default=None, help=f"draw the first {PLOT_QUERIES} queries and their top 5 in FILE.png")
+
+    ex = sub.add_parser("export", help="the embedding model with its input normalisation as ONNX or TorchScript")
+    _checkpoint_flags(ex, embeds=False)
+    ex.add_argument("--format", required=True, type=choice(*registry.EXPORT_FORMATS),
+                    help=" | ".join(registry.EXPORT_FORMATS))
+    ex.add_argument("--out", required=True, help="the model file (e.g. model.onnx, model.ts)")
     return parser
 
 
@@ -169,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     continues with --resume, a sweep when it is run again). A traceback means a bug in fastiaa; ``--debug`` shows it for everything."""
     args = build_parser().parse_args(argv)
     handler = {"train": _cmd_train, "eval": _cmd_eval, "sweep": _cmd_sweep, "report": _cmd_report,
-               "data": _cmd_data}[args.command]
+               "data": _cmd_data, "embed": _cmd_embed, "index": _cmd_index, "search": _cmd_search,
+               "export": _cmd_export}[args.command]
     signal.signal(signal.SIGTERM, _terminate)
     try:
         return handler(args)

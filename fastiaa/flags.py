@@ -34,7 +34,7 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected 0 or 1, got {text!r}")
 
 
-def _positive(kind):
+def positive(kind):
     def parse(text: str):
         value = kind(text)
         if value <= 0:
@@ -44,14 +44,14 @@ def _positive(kind):
     return parse
 
 
-def _non_negative_int(text: str) -> int:
+def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 
-def _choice(*names):
+def choice(*names):
     def parse(text: str) -> str:
         if text not in names:
             raise argparse.ArgumentTypeError(f"choose one of {', '.join(names)} (got {text!r})")
@@ -68,42 +68,42 @@ def _loss(text: str) -> str:
 
 # (config field, type, help); nargs="+" for tuple fields. Defaults come from TrainConfig.
 TRAIN_FLAGS = [
-    ("dataset", _choice(*DATASETS), f"one of {', '.join(DATASETS)}"),
+    ("dataset", choice(*DATASETS), f"one of {', '.join(DATASETS)}"),
     ("data", str, "dataset root in its official layout (default ./MyDataset; kanji: data/kanji)"),
-    ("backbone", _choice(*registry.BACKBONES), f"one of {', '.join(registry.BACKBONES)}"),
+    ("backbone", choice(*registry.BACKBONES), f"one of {', '.join(registry.BACKBONES)}"),
     ("pretrained", _bool, "1: ImageNet weights from --weight_path; 0: from scratch"),
     ("weight_path", str, "ImageNet checkpoint file or folder (standard file names; default: torch hub cache)"),
-    ("embedding-size", _positive(int), "embedding dimension D"),
-    ("image-size", _positive(int), "crop size fed to the model"),
-    ("resize-size", _positive(int), "resize before cropping"),
-    ("loader", _choice("torchvision", "dali"), "torchvision | dali"),
-    ("cache", _choice("off", "auto", "ram", "device"),
+    ("embedding-size", positive(int), "embedding dimension D"),
+    ("image-size", positive(int), "crop size fed to the model"),
+    ("resize-size", positive(int), "resize before cropping"),
+    ("loader", choice("torchvision", "dali"), "torchvision | dali"),
+    ("cache", choice("off", "auto", "ram", "device"),
      "decode once: off | auto (GPU memory if it fits, else host memory, else off) | ram | device"),
-    ("cache-gib", _positive(float), "memory budget of the cache (default: half of the free memory)"),
+    ("cache-gib", positive(float), "memory budget of the cache (default: half of the free memory)"),
     ("cache-dir", str, "keep the decoded images in a file here, shared by later runs"),
-    ("workers", _non_negative_int, "data-loading threads / processes"),
+    ("workers", non_negative_int, "data-loading threads / processes"),
     ("loss", _loss, "MS | Contrastive | Triplet"),
-    ("lr", _positive(float), "learning rate of the backbone"),
-    ("head-lr-mult", _positive(float), "embedding layer lr multiplier (paper: 10)"),
+    ("lr", positive(float), "learning rate of the backbone"),
+    ("head-lr-mult", positive(float), "embedding layer lr multiplier (paper: 10)"),
     ("weight_decay", float, "Adam weight decay"),
-    ("epochs", _positive(int), "number of epochs"),
+    ("epochs", positive(int), "number of epochs"),
     ("lr-decay-epochs", int, "epochs at which the lr is multiplied by --lr-decay-gamma"),
     ("lr-decay-gamma", float, "lr decay factor"),
-    ("batch", _positive(int), "global batch size B"),
-    ("eval_batch", _positive(int), "batch size of embedding passes"),
-    ("num_image_per_class", _positive(int), "images per class m in a batch"),
-    ("iter-per-epoch", _positive(int), "iterations per epoch (capped at len(train) // batch)"),
+    ("batch", positive(int), "global batch size B"),
+    ("eval_batch", positive(int), "batch size of embedding passes"),
+    ("num_image_per_class", positive(int), "images per class m in a batch"),
+    ("iter-per-epoch", positive(int), "iterations per epoch (capped at len(train) // batch)"),
     ("intra", _bool, "1: IAA synthesis on; 0: the plain loss"),
     ("intra_lamda", float, "lambda of Eq. 17"),
-    ("aug_num", _positive(int), "synthetic samples per embedding (M)"),
+    ("aug_num", positive(int), "synthetic samples per embedding (M)"),
     ("start_epoch", int, "first statistics refresh after this epoch"),
     ("warmup_epoch", int, "epochs between the first refresh and synthesis"),
-    ("update_every_M_epoch", _positive(int), "refresh period in epochs"),
+    ("update_every_M_epoch", positive(int), "refresh period in epochs"),
     ("momentum", float, "estimator momentum (docs/method.md §3)"),
-    ("covariance", _choice(*COVARIANCES),
+    ("covariance", choice(*COVARIANCES),
      "diag (the paper) | full (dense [C,D,D]) | lowrank (full, low-rank form) | auto (full: dense unless > 2 GiB)"),
-    ("correction", _choice("auto", "on", "off"), "neighbour correction: auto (train classes > 1000) | on | off"),
-    ("num_neighbor", _positive(int), "K neighbour classes (Eq. 11)"),
+    ("correction", choice("auto", "on", "off"), "neighbour correction: auto (train classes > 1000) | on | off"),
+    ("num_neighbor", positive(int), "K neighbour classes (Eq. 11)"),
     ("beta", float, "beta of the alpha_k rule (Eq. 15)"),
     ("gamma", float, "share of the global covariance (Eq. 16)"),
     ("tau", float, "classes with n >= tau are not corrected"),
@@ -111,15 +111,15 @@ TRAIN_FLAGS = [
     ("official-repeated-sqrt", _bool, "official quirk: sample m uses Sigma^(1/2^m)"),
     ("official-zero-mean-singletons", _bool, "official quirk: single-sample classes keep a zero mean"),
     ("official-sentinel-normalization", _bool, "official quirk: min-max over rows holding the 1e12 sentinel"),
-    ("recall", _positive(int), "Recall@K values (default: the dataset's standard K)"),
+    ("recall", positive(int), "Recall@K values (default: the dataset's standard K)"),
     ("map", _bool, "1: compute MAP@R and R-Precision"),
-    ("eval-every", _non_negative_int, "evaluate every N epochs (0: never)"),
+    ("eval-every", non_negative_int, "evaluate every N epochs (0: never)"),
     ("device", str, "auto | cpu | cuda | cuda:N"),
-    ("amp", _choice("auto", "off", "bf16", "fp16"), "auto | off | bf16 | fp16 (torch.autocast)"),
+    ("amp", choice("auto", "off", "bf16", "fp16"), "auto | off | bf16 | fp16 (torch.autocast)"),
     ("channels-last", _bool, "channels-last memory format"),
-    ("kernels", _choice("auto", "triton", "torch"), "auto | triton | torch"),
-    ("work-memory-mib", _positive(float), "memory budget of temporary blocks (class moments, correction, evaluation)"),
-    ("log-every", _positive(int), "steps between reads of the loss from the device (progress bar, NaN check)"),
+    ("kernels", choice("auto", "triton", "torch"), "auto | triton | torch"),
+    ("work-memory-mib", positive(float), "memory budget of temporary blocks (class moments, correction, evaluation)"),
+    ("log-every", positive(int), "steps between reads of the loss from the device (progress bar, NaN check)"),
     ("seed", int, "random seed"),
     ("save-dir", str, "folder of run directories"),
     ("name", str, "run directory name (default derived from the settings)"),

@@ -1,5 +1,5 @@
 """The registries of fastiaa's interchangeable parts: losses and backbones (datasets: the readers'
-``fastiaa.data.DATASETS``).
+``fastiaa.data.DATASETS``), and the names of the deployment formats.
 
 Each entry names ``"module:attribute"`` and is imported on first use, so that this module (and
 the command line, which takes its choices from here) starts without importing torch and timm
@@ -23,6 +23,14 @@ BACKBONES = {
     "resnet50": "fastiaa.models.resnet:resnet50",
     "efficientnet_lite0": "fastiaa.models.efficientnet:efficientnet_lite0",
 }
+
+
+INDEX_KINDS = ("flat", "hnsw", "ivf")
+"""faiss index kinds of ``fastiaa.index`` (exact inner product, HNSW graph, IVF cells)."""
+EXPORT_FORMATS = ("onnx", "torchscript")
+"""File formats of ``fastiaa.export``."""
+EMBEDDING_DTYPES = ("float32", "float16")
+"""dtypes of the ``.npy`` files of ``fastiaa.embeddings``."""
 
 
 def loss_name(spelling: str) -> str:

@@ -1,5 +1,6 @@
-"""Run records: ``metrics.jsonl``, the ``losses_and_recalls.png`` plot and the paper table; the
-tables and plots of a sweep: mean ± standard deviation over seeds, paired differences.
+"""Run records: ``metrics.jsonl``, the ``losses_and_recalls.png`` plot, the ``retrievals.png`` pictures
+and the paper table; the tables and plots of a sweep: mean ± standard deviation over seeds, paired
+differences.
 
 Every write rewrites the whole file atomically (they are small), so a killed run leaves
 the records of its last finished epoch and a resumed run continues them.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastiaa.checkpoint import atomic_write, atomic_write_text
@@ -58,6 +60,14 @@ def label(key: str) -> str:
     return {"map@r": "MAP@R", "r_precision": "R-Precision"}.get(key, key.replace("recall@", "Recall@"))
 
 
+def schedule_marks(records: list[dict]) -> tuple[list[int], int | None]:
+    """(epochs that began with a statistics refresh, first epoch with synthesis or None) of a run's
+    records: where the candidates of the loss change (docs/method.md §3, §5)."""
+    refreshed = [r["epoch"] for r in records if "refresh_s" in r]
+    synthesis = next((r["epoch"] for r in records if r.get("lambda", 0.0) > 0), None)
+    return refreshed, synthesis
+
+
 def _pyplot():
     import matplotlib
 
@@ -67,17 +77,22 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | Path) -> None:
+def _save(fig, path: str | Path, dpi: int = 110) -> None:
     for ax in fig.axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
     _pyplot().close(fig)
 
 
 def plot(records: list[dict], path: str | Path) -> None:
-    """Training loss and the Recall@K curves per epoch, side by side, saved as a PNG."""
-    fig, (ax_loss, ax_rec) = _pyplot().subplots(1, 2, figsize=(11, 4))
+    """Training loss and the Recall@K curves per epoch, side by side, saved as a PNG. Dotted lines
+    mark the statistics refreshes, just before the epoch they begin, and a shaded band the epochs
+    with synthesis (:func:`schedule_marks`): the loss jumps there because its candidates change."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (ax_loss, ax_rec) = plt.subplots(1, 2, figsize=(11, 4))
     trained = [r for r in records if r.get("loss") is not None]
     ax_loss.plot([r["epoch"] for r in trained], [r["loss"] for r in trained], marker="o")
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="Loss")
@@ -86,6 +101,16 @@ def plot(records: list[dict], path: str | Path) -> None:
         pts = [(r["epoch"], 100 * r[key]) for r in evaluated if key in r]
         ax_rec.plot(*zip(*pts), marker=".", label=label(key))
     ax_rec.set(xlabel="epoch", ylabel="%", title="Retrieval on held-out classes")
+    refreshed, synthesis = schedule_marks(records)
+    last = max((r["epoch"] for r in records), default=0)
+    for ax in (ax_loss, ax_rec):
+        if synthesis is not None:
+            ax.axvspan(synthesis - 0.5, last + 0.5, color="tab:red", alpha=0.08, label="synthesis on")
+        for i, epoch in enumerate(refreshed):
+            ax.axvline(epoch - 0.5, color="dimgrey", linestyle=":", label="statistics refreshed" if i == 0 else None)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if trained and (refreshed or synthesis is not None):
+        ax_loss.legend(fontsize=8)
     if evaluated:
         ax_rec.legend(fontsize=8)
     _save(fig, path)
@@ -100,6 +125,68 @@ def paper_numbers(dataset: str, backbone: str, loss: str, intra: bool = True) ->
     else:
         found = {"recall@1": PAPER_BASELINE_RECALL1.get(dataset) if (backbone, loss) == ("googlenet", "ms") else None}
     return {k: v for k, v in found.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One neighbour: image ``path``, its ``label`` and its cosine ``similarity`` to the query."""
+
+    path: str
+    label: str
+    similarity: float
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    """A query (``path``, ``label``, "" when unlabelled) and its ``hits``, nearest first."""
+
+    path: str
+    label: str
+    hits: tuple[Hit, ...]
+
+
+FRAME_COLOURS = {True: "#1a9641", False: "#d7191c", None: "#8c8c8c"}
+"""Frame of a neighbour: same class as the query (green), another class (red), query unlabelled (grey)."""
+
+
+def plot_retrievals(retrievals: list[Retrieval], path: str | Path, columns: int = 5) -> list[list[bool | None]]:
+    """Each query (:class:`Retrieval`) in a row with its first ``columns`` neighbours, framed
+    by :data:`FRAME_COLOURS`, the cosine similarity and the label under each; saved as a PNG.
+
+    Returns:
+        per row, per neighbour drawn: same class as the query (None: the query has no label).
+    """
+    from PIL import Image
+
+    plt = _pyplot()
+    rows = max(1, len(retrievals))
+    fig, axes = plt.subplots(rows, columns + 1, figsize=(1.5 * (columns + 1), 1.75 * rows), squeeze=False)
+    same = []
+    for ax_row, retrieval in zip(axes, retrievals):
+        cells = [(retrieval.path, "#2c7bb6", "query" + (f"\n{retrieval.label[:16]}" if retrieval.label else ""))]
+        flags = [None if not retrieval.label else hit.label == retrieval.label for hit in retrieval.hits[:columns]]
+        cells += [(hit.path, FRAME_COLOURS[flag], f"{hit.similarity:.3f}\n{hit.label[:16]}")
+                  for hit, flag in zip(retrieval.hits, flags)]
+        same.append(flags)
+        for ax, (image_path, colour, caption) in zip(ax_row, cells):
+            try:
+                with Image.open(image_path) as image:
+                    thumb = image.convert("RGB")
+                thumb.thumbnail((128, 128))
+                ax.imshow(thumb)
+            except Exception:  # a picture never fails a run: an unreadable image shows as an empty cell
+                caption += "\n(unreadable)"
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set(color=colour, linewidth=4)
+            ax.set_xlabel(caption, fontsize=7)
+        for ax in ax_row[len(cells):]:
+            ax.axis("off")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+    return same
 
 
 def paper_comparison(best: dict, dataset: str, backbone: str, loss: str) -> str:

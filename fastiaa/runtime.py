@@ -14,6 +14,7 @@ from fastiaa import distributed
 from fastiaa.config import TrainConfig
 from fastiaa.data import Dataset, DatasetError, ImageSet, check_images, unreadable_images_error
 from fastiaa.distributed import World
+from fastiaa.models import EmbeddingNet, create_model
 from fastiaa.pipelines import NORMALIZATIONS, ImageCache, build_cache, build_eval_loader
 from fastiaa.pipelines import cache as caching
 
@@ -54,9 +55,10 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def loader_geometry(cfg: TrainConfig, dataset: Dataset, input_space: str, device: torch.device) -> dict:
-    """The keyword arguments every loader of the run shares (normalisation, resize, crop, threads, device)."""
-    return dict(normalization=NORMALIZATIONS[input_space], resize=dataset.resize, resize_size=cfg.data.resize_size,
+def loader_geometry(cfg: TrainConfig, resize: str, input_space: str, device: torch.device) -> dict:
+    """The keyword arguments every loader of the run shares (normalisation, resize mode ``resize``
+    of the dataset, crop, threads, device)."""
+    return dict(normalization=NORMALIZATIONS[input_space], resize=resize, resize_size=cfg.data.resize_size,
                 crop_size=cfg.data.image_size, num_threads=cfg.data.workers, device=str(device))
 
 
@@ -66,12 +68,19 @@ def shard_images(images: ImageSet, world: World) -> ImageSet:
     return dataclasses.replace(images, paths=images.paths[part], labels=images.labels[part])
 
 
+def eval_loader(cfg: TrainConfig, images: ImageSet, resize: str, input_space: str, device: torch.device,
+                cache: ImageCache | None = None):
+    """The evaluation pipeline of a run (docs/method.md §2: resize, centre crop) over ``images``, in
+    order, from ``cache`` where given."""
+    return build_eval_loader(cfg.data.loader, images, cfg.eval.eval_batch, cache=cache,
+                             **loader_geometry(cfg, resize, input_space, device))
+
+
 def eval_loaders(cfg: TrainConfig, dataset: Dataset, input_space: str, device: torch.device,
                  world: World, splits=("test", "query", "gallery"), caches: dict | None = None) -> dict:
     """Eval loaders (resize, centre crop) of this rank's share of each split in ``splits`` that the
     dataset has: ``{"test": ...}`` or ``{"query": ..., "gallery": ...}`` (plus ``"train"`` if asked),
     reading the :func:`build_caches` of those splits where there is one."""
-    geometry = loader_geometry(cfg, dataset, input_space, device)
     caches = caches or {}
     loaders = {}
     for name in splits:
@@ -81,9 +90,21 @@ def eval_loaders(cfg: TrainConfig, dataset: Dataset, input_space: str, device: t
         cache = caches.get(name)
         if cache is not None and name == "train":  # the whole split is cached; a refresh reads this rank's shard
             cache = cache.part(distributed.shard(len(images), world))
-        loaders[name] = build_eval_loader(cfg.data.loader, shard_images(images, world), cfg.eval.eval_batch,
-                                          cache=cache, **geometry)
+        loaders[name] = eval_loader(cfg, shard_images(images, world), dataset.resize, input_space, device, cache)
     return loaders
+
+
+def checkpoint_model(state: dict, cfg: TrainConfig, device: torch.device) -> EmbeddingNet:
+    """The model of a checkpoint ``state`` (``fastiaa.checkpoint.load``, its configuration ``cfg``)
+    on ``device``, in eval mode and the run's memory format.
+
+    Raises:
+        ValueError: unknown backbone, or weights that do not fit it.
+    """
+    model = create_model(cfg.model.backbone, cfg.model.embedding_size, pretrained=False)
+    model.load_state_dict(state["model"])
+    fmt = torch.channels_last if cfg.runtime.channels_last else torch.contiguous_format
+    return model.to(device, memory_format=fmt).eval()
 
 
 def _check_headers(sets: dict[str, ImageSet], dataset: Dataset, world: World) -> bool:

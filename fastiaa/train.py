@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
@@ -24,14 +25,17 @@ from tqdm import tqdm
 from fastiaa import checkpoint, distributed, memory, registry, report, runtime
 from fastiaa.config import TrainConfig
 from fastiaa.data import BalancedBatchSampler, load_dataset
+from fastiaa.data.convert import csv_text
 from fastiaa.errors import NonFiniteError
 from fastiaa.evaluation import embed, evaluate
 from fastiaa.iaa import IAA
 from fastiaa.models import create_model
 from fastiaa.pipelines import build_train_loader
 
+RETRIEVAL_QUERIES = 8  # queries drawn in retrievals.png
+RUN_FILES = ("config.json", "metrics.jsonl", "losses_and_recalls.png", "retrievals.png", "split.csv", "last.pt",
+             "best.pt", "paper_comparison.md")
 # settings a resumed run may change: where and how fast it computes, not what (everything else must match)
-RUN_FILES = ("config.json", "metrics.jsonl", "losses_and_recalls.png", "last.pt", "best.pt", "paper_comparison.md")
 RESUMABLE_CHANGES = ("device", "workers", "log_every", "work_memory_mib", "cache", "cache_gib",
                      "cache_dir", "resume", "eval_every")
 _NO_STEP = 2**62  # "no non-finite step yet" (a min-reduction across ranks keeps the first one)
@@ -73,7 +77,7 @@ class Trainer:
         self.ddp = (DistributedDataParallel(self.model, broadcast_buffers=False) if self.world.distributed
                     else self.model)
 
-        geometry = runtime.loader_geometry(cfg, self.dataset, model.input_space, self.device)
+        geometry = runtime.loader_geometry(cfg, self.dataset.resize, model.input_space, self.device)
         caches = runtime.build_caches(cfg, self.dataset, model.input_space, self.device, self.world)
         self.train_loader = build_train_loader(cfg.data.loader, train, sampler, seed=cfg.runtime.seed,
                                                shard=(self.world.rank, self.world.world_size),
@@ -158,9 +162,31 @@ class Trainer:
         return total
 
     def evaluate(self) -> dict:
-        """Recall@K / MAP@R / R-Precision on the held-out classes (docs/method.md §8), on every rank."""
+        """Recall@K / MAP@R / R-Precision on the held-out classes (docs/method.md §8), on every rank;
+        the main rank draws ``retrievals.png``."""
         loaders = {k: v for k, v in self.eval_loaders.items() if k != "train"}
-        return evaluate(self.model, loaders, self.device, self.amp, self.ks, self.cfg.eval.map, self.world)
+        return evaluate(self.model, loaders, self.device, self.amp, self.ks, self.cfg.eval.map, self.world,
+                        on_embeddings=self.draw_retrievals)
+
+    def draw_retrievals(self, query, query_labels, reference, reference_labels) -> None:
+        """``retrievals.png``: the same RETRIEVAL_QUERIES queries at every evaluation (a fixed draw),
+        each with its 5 nearest references by cosine similarity (itself excluded when the query set
+        is the reference set), found on the device, where the embeddings are."""
+        single = reference is None
+        queries = self.dataset.test if single else self.dataset.query
+        references = queries if single else self.dataset.gallery
+        rows = np.sort(np.random.default_rng(0).choice(len(queries), min(RETRIEVAL_QUERIES, len(queries)),
+                                                       replace=False))
+        picked = torch.from_numpy(rows).to(query.device)
+        similarity = F.normalize(query[picked], dim=1) @ F.normalize(query if single else reference, dim=1).T
+        if single:
+            similarity[torch.arange(len(rows)), picked] = -torch.inf
+        top, ids = similarity.topk(min(5, similarity.shape[1] - int(single)), dim=1)
+        query_names, reference_names = _class_names(queries), _class_names(references)
+        retrievals = [report.Retrieval(queries.paths[q], query_names[q], tuple(
+            report.Hit(references.paths[i], reference_names[i], s) for s, i in zip(sims, found)))
+            for q, sims, found in zip(rows.tolist(), top.tolist(), ids.tolist())]
+        report.plot_retrievals(retrievals, self.run_dir / "retrievals.png")
 
     # -- checkpoints ------------------------------------------------------------------------
     def state(self, epoch: int) -> dict:
@@ -218,6 +244,8 @@ class Trainer:
                                       "--name (or --save-dir) to start another one beside it")
         if self.world.is_main:
             checkpoint.atomic_write_text(self.run_dir / "config.json", cfg.to_json())
+            if self.dataset.split_seed is not None:  # a split fastiaa drew: the run says which images it held out
+                checkpoint.atomic_write_text(self.run_dir / "split.csv", csv_text(self.dataset))
         if self.first_epoch == 1 and cfg.eval.eval_every:
             metrics = self.evaluate()  # the starting point: the (pretrained) model before training
             self._record({"epoch": 0, **metrics})
@@ -276,6 +304,11 @@ class Trainer:
             tqdm.write(text)
 
 
+def _class_names(images) -> tuple[str, ...]:
+    """The class id of every image of an ImageSet."""
+    return tuple(images.class_ids[k] for k in images.labels)
+
+
 def summary_line(record: dict, ks) -> str:
     parts = [f"[epoch {record['epoch']}]"]
     if "loss" in record:
@@ -311,10 +344,7 @@ def evaluate_checkpoint(path, dataset: str | None = None, data: str | None = Non
     cfg = checkpoint.config_of(state).replace(pretrained=False, device=device, cache=cache, cache_dir=cache_dir,
                                               **overrides)
     dev = runtime.resolve_device(cfg.runtime.device)
-    model = create_model(cfg.model.backbone, cfg.model.embedding_size, pretrained=False)
-    model.load_state_dict(state["model"])
-    fmt = torch.channels_last if cfg.runtime.channels_last else torch.contiguous_format
-    model = model.to(dev, memory_format=fmt)
+    model = runtime.checkpoint_model(state, cfg, dev)
     ds = load_dataset(cfg.data.dataset, cfg.data.data)
     world = distributed.World()
     caches = runtime.build_caches(cfg, ds, model.input_space, dev, world, splits=("test", "query", "gallery"))

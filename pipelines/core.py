@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fastiaa.errors import UnreadableImageError
+
 CROP_SCALE = (0.16, 1.0)      # docs/method.md §2: random resized crop, area fraction of the resized image
 CROP_RATIO = (0.75, 1.33)     # docs/method.md §2: width / height of the crop window
 CROP_TRIES = 10               # torchvision RandomResizedCrop: tries before the centre-crop fallback
@@ -145,10 +147,10 @@ def crop_windows(draws: np.ndarray, heights: np.ndarray, widths: np.ndarray,
     return top, left, h, w, flip
 
 
-def unreadable(path: str, error: BaseException) -> OSError:
+def unreadable(path: str, error: BaseException | str) -> UnreadableImageError:
     """The error every loader raises for an image it cannot read or decode (names the file)."""
-    return OSError(f"cannot read or decode image {path!r}: {error}. Replace or remove the file "
-                   f"(`fastiaa data check` lists every unreadable image of a dataset).")
+    return UnreadableImageError(f"cannot read or decode image {path!r}: {error}. Replace or remove the file "
+                                f"(`fastiaa data check` lists every unreadable image of a dataset).", path)
 
 
 def read_bytes(path: str) -> np.ndarray:

@@ -27,11 +27,8 @@ from .core import Batch, Normalization, centre_crop_origin, crop_windows, normal
 
 def _decode_resized(path: str, size) -> Image.Image:
     """Stage 1: the file decoded to RGB and resized (``size``: [s, s], or the shorter side s)."""
-    try:
-        with Image.open(path) as im:
-            image = im.convert("RGB")
-    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for broken files
-        raise unreadable(path, err) from err
+    with Image.open(path) as im:
+        image = im.convert("RGB")
     return TF.resize(image, size, antialias=True)
 
 
@@ -50,10 +47,11 @@ def _crop(image: Image.Image, draws, crop: int) -> np.ndarray:
 
 
 class _Images(torch.utils.data.Dataset):
-    """Item ``(index, draws)`` -> (uint8 [crop, crop, 3] in the model's channel order, index);
-    ``draws`` None = eval transform. Filling a cache, ``draws`` is the cache kind: ``"resized"``
-    gives stage 1 only (RGB), ``"crop"`` the eval crop; an unreadable file then gives its error
-    message instead of the pixels (the decode pass lists every bad file)."""
+    """Item ``(index, draws)`` -> (uint8 [crop, crop, 3] in the model's channel order, index, None),
+    or (None, index, what is wrong) for a file that cannot be decoded: the main process raises it (one
+    line naming the file, not a worker's traceback) or, filling a cache, lists every such file.
+    ``draws`` None = eval transform; filling a cache, ``draws`` is its kind: ``"resized"`` gives
+    stage 1 only (RGB), ``"crop"`` the eval crop."""
 
     def __init__(self, paths, resize: str, resize_size: int, crop_size: int, bgr: bool):
         self.paths = paths
@@ -66,15 +64,14 @@ class _Images(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, draws = item
-        if not isinstance(draws, str):
-            image = _decode_resized(self.paths[index], self.size)
-            return torch.from_numpy(_channels(_crop(image, draws, self.crop), self.bgr)), index
         try:
             image = _decode_resized(self.paths[index], self.size)
-        except OSError as err:
-            return str(err), index
-        pixels = np.asarray(image).copy() if draws == "resized" else _channels(_crop(image, None, self.crop), self.bgr)
-        return torch.from_numpy(pixels), index
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+            return None, index, f"{type(err).__name__}: {err}"
+        if isinstance(draws, str) and draws == "resized":
+            return torch.from_numpy(np.asarray(image).copy()), index, None
+        pixels = _crop(image, None if isinstance(draws, str) else draws, self.crop)
+        return torch.from_numpy(_channels(pixels, self.bgr)), index, None
 
 
 def _channels(pixels: np.ndarray, bgr: bool) -> np.ndarray:
@@ -82,10 +79,14 @@ def _channels(pixels: np.ndarray, bgr: bool) -> np.ndarray:
 
 
 def _collate(items):
-    indices = torch.tensor([index for _, index in items], dtype=torch.int64)
-    shapes = {tuple(getattr(pixels, "shape", ())) for pixels, _ in items}
-    pixels = torch.stack([p for p, _ in items]) if len(shapes) == 1 and () not in shapes else [p for p, _ in items]
-    return pixels, indices  # pinned by the DataLoader on a GPU run: the copies below are asynchronous
+    """-> (pixels: [b, h, w, 3] uint8, or a list where shapes differ or a file is broken (None),
+    indices [b] int64, [(index, what is wrong)] of the broken files)."""
+    indices = torch.tensor([index for _, index, _ in items], dtype=torch.int64)
+    broken = [(index, error) for _, index, error in items if error is not None]
+    shapes = {tuple(pixels.shape) for pixels, _, _ in items if pixels is not None}
+    pixels = [p for p, _, _ in items]
+    return (torch.stack(pixels) if len(shapes) == 1 and not broken else pixels), indices, broken
+    # pinned by the DataLoader on a GPU run: the copies in ReferenceLoader are asynchronous
 
 
 def _die_with_parent(parent: int, worker_id: int) -> None:
@@ -124,6 +125,7 @@ class ReferenceLoader:
     def __init__(self, images, plan, normalization: Normalization, resize: str, resize_size: int,
                  crop_size: int, num_threads: int, device: str, dtype: torch.dtype, cache: ImageCache | None = None):
         self.device = torch.device(device)
+        self.paths = images.paths
         self.labels = torch.tensor(np.asarray(images.labels), dtype=torch.int64, device=self.device)
         self.normalization, self.dtype, self.crop, self.plan, self.cache = normalization, dtype, crop_size, plan, cache
         if cache is None:
@@ -133,10 +135,12 @@ class ReferenceLoader:
             self.pool = ThreadPoolExecutor(max(1, num_threads))  # PIL releases the GIL while it resamples
 
     def __iter__(self):
-        batches = self.loader if self.cache is None else ((self._from_cache(i, d), torch.from_numpy(i))
+        batches = self.loader if self.cache is None else ((self._from_cache(i, d), torch.from_numpy(i), [])
                                                            for i, d in self.plan())
         pin = self.device.type == "cuda"
-        for pixels, indices in batches:
+        for pixels, indices, broken in batches:
+            if broken:
+                raise unreadable(self.paths[broken[0][0]], broken[0][1])
             if pin and not pixels.is_cuda and not pixels.is_pinned():  # cached batches: asynchronous copies too
                 pixels, indices = pixels.pin_memory(), indices.pin_memory()
             pixels = pixels.to(self.device, non_blocking=True)
@@ -195,11 +199,10 @@ def fill(cache: ImageCache, images, resize: str, resize_size: int, crop_size: in
     loader = _data_loader(images, lambda: [(i, np.array([cache.kind] * len(i))) for i in steps], resize, resize_size,
                           crop_size, bgr, num_threads, torch.device("cpu"), persistent=False)
     bad = []
-    for pixels, indices in loader:
+    for pixels, indices, broken in loader:
+        bad += [(images.paths[i], error) for i, error in broken]
         for p, i in enumerate(indices.tolist()):
-            if isinstance(pixels[p], str):
-                bad.append((images.paths[i], pixels[p]))
-            else:
+            if pixels[p] is not None:
                 cache.write(i, pixels[p])
         if progress is not None:
             progress(len(indices))

@@ -57,3 +57,32 @@ def photo_root(tmp_path_factory) -> Path:
                 rows.append(f"{len(rows)} {c + 1} 1 {rel}")
         (root / f"Ebay_{split}.txt").write_text("\n".join(rows) + "\n")
     return root
+
+
+@pytest.fixture(scope="session")
+def own_run(kanji_root, tmp_path_factory) -> dict:
+    """The kanji fixture as your own data and a model trained on it, once per session.
+
+    ``folder``: all 48 classes as ``train/<class>/<font>.jpg`` (no test/: fastiaa draws the split);
+    ``run``: the run directory of a 1-epoch training on it (512-d, 48 px crops, a refresh and
+    synthesis in that epoch); ``checkpoint``: its best.pt; ``config``: its TrainConfig.
+    """
+    import os
+
+    from fastiaa.config import TrainConfig
+    from fastiaa.data import load_dataset
+    from fastiaa.train import Trainer
+
+    root = tmp_path_factory.mktemp("own")
+    kanji = load_dataset("kanji", kanji_root)
+    for images in (kanji.train, kanji.test):
+        for path, label in zip(images.paths, images.labels):
+            target = root / "folder" / "train" / images.class_ids[label] / Path(path).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, target)
+    cfg = TrainConfig.build(dataset="folder", data=str(root / "folder"), backbone="efficientnet_lite0",
+                            image_size=48, resize_size=56, batch=24, eval_batch=64, num_image_per_class=3,
+                            iter_per_epoch=2, epochs=1, start_epoch=0, update_every_M_epoch=1, lr=1e-4,
+                            embedding_size=512, workers=0, save_dir=str(root / "runs"), name="run", seed=0)
+    Trainer(cfg).run()
+    return {"folder": root / "folder", "run": cfg.run_dir(), "checkpoint": cfg.run_dir() / "best.pt", "config": cfg}

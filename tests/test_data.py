@@ -2,6 +2,7 @@
 the kanji demo builder and the image checker."""
 import json
 import logging
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -223,7 +224,7 @@ def test_inshop_malformed(tmp_path, jpegs):
 def test_unknown_dataset_and_image_set_checks():
     with pytest.raises(DatasetError, match="cub200, cars196, stanford, inshop, kanji"):
         load_dataset("imagenet", ".")
-    assert DATASETS == ("cub200", "cars196", "stanford", "inshop", "kanji")
+    assert DATASETS == ("cub200", "cars196", "stanford", "inshop", "kanji", "folder", "csv")
     with pytest.raises(ValueError, match=r"labels must lie in 0\.\.1"):
         ImageSet(("a", "b"), np.array([0, 2]), ("x", "y"))
     with pytest.raises(ValueError, match="does not match 3 paths"):
@@ -386,3 +387,149 @@ def test_check_images_reports_broken_files(tmp_path, jpegs):
     assert [p for p, _ in failures] == paths[1:]
     assert failures[0][1].startswith("OSError") and "truncated" in failures[0][1]
     assert failures[2][1].startswith("FileNotFoundError")
+
+
+# ---------------------------------------------------------------- your own images: folder and csv
+
+def _folders(root: Path, jpegs, splits: dict) -> dict:
+    """root/<split>/<class>/<i>.jpg for {split: {class: count}}; returns {split: [paths]} in reading order."""
+    made, it = {}, iter(jpegs)
+    for split, classes in splits.items():
+        made[split] = _place(root / split, [f"{c}/{i}.jpg" for c, n in sorted(classes.items()) for i in range(n)], it)
+    return made
+
+
+def test_folder_dataset_reads_class_folders(tmp_path, jpegs):
+    paths = _folders(tmp_path, jpegs, {"train": {"cat": 2, "dog": 3, "ant": 1}, "test": {"owl": 2, "emu": 1}})
+    (tmp_path / "train" / ".DS_Store").write_text("hidden files are skipped")
+    ds = load_dataset("folder", tmp_path)
+    assert (ds.name, ds.root, ds.split_seed, ds.resize) == ("folder", str(tmp_path), None, "square")
+    assert ds.train.class_ids == ("ant", "cat", "dog") and ds.test.class_ids == ("emu", "owl")
+    assert sorted(ds.train.paths) == sorted(paths["train"]) and sorted(ds.test.paths) == sorted(paths["test"])
+    np.testing.assert_array_equal(ds.train.labels, [0, 1, 1, 2, 2, 2])  # ant's single image is kept
+    assert [Path(p).parent.name for p in ds.train.paths] == ["ant", "cat", "cat", "dog", "dog", "dog"]
+
+
+def test_folder_without_test_splits_classes_in_disjoint_halves(tmp_path, jpegs):
+    _folders(tmp_path, jpegs, {"train": {f"c{k:02d}": 2 for k in range(7)}})
+    first, again = load_dataset("folder", tmp_path), load_dataset("folder", tmp_path)
+    assert first.split_seed == 0 and (len(first.train.class_ids), len(first.test.class_ids)) == (4, 3)
+    assert not set(first.train.class_ids) & set(first.test.class_ids)
+    assert set(first.train.class_ids) | set(first.test.class_ids) == {f"c{k:02d}" for k in range(7)}
+    assert (first.train.paths, first.test.paths) == (again.train.paths, again.test.paths)  # a fixed draw
+    order = np.random.default_rng(0).permutation(7)
+    assert first.train.class_ids == tuple(sorted(f"c{k:02d}" for k in order[:4]))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda root: None, r"no train/ folder"),
+    (lambda root: (root / "train").mkdir(), r"no class folder, so no image.*train"),
+    (lambda root: (root / "train" / "cat").mkdir(parents=True), r"empty class folder: add its images.*train/cat"),
+    (lambda root: (root / "train").mkdir() or (root / "train" / "a.jpg").write_text(""),
+     r"a file directly in the split folder.*train/a\.jpg"),
+])
+def test_folder_dataset_errors_name_the_folder(tmp_path, make, message):
+    make(tmp_path)
+    with pytest.raises(DatasetError, match=message + r".*Expected layout of --data: DIR/train/<class>"):
+        load_dataset("folder", tmp_path)
+
+
+def test_folder_dataset_refuses_files_that_are_not_images(tmp_path, jpegs):
+    _folders(tmp_path, jpegs, {"train": {"cat": 2, "dog": 2}})
+    (tmp_path / "train" / "dog" / "notes.txt").write_text("not an image")
+    with pytest.raises(MalformedDatasetError, match=r"not an image .*move it out of the class folder.*dog/notes\.txt"):
+        load_dataset("folder", tmp_path)
+
+
+def _csv(tmp_path, jpegs, rows, header="path,label,split") -> Path:
+    """An image CSV beside real JPEGs img/<i>.jpg (rows use {i} for the i-th image)."""
+    _place(tmp_path / "img", [f"{i}.jpg" for i in range(12)], jpegs)
+    path = tmp_path / "data.csv"
+    path.write_text("\n".join([header, *rows]) + "\n")
+    return path
+
+
+def test_csv_dataset_single_set_and_query_gallery(tmp_path, jpegs):
+    rows = ["img/0.jpg,cat,train", "img/1.jpg,cat,train", "img/2.jpg,dog,train", "img/3.jpg,owl,test",
+            "img/4.jpg,owl,validation", f"{tmp_path / 'img' / '5.jpg'},emu,test"]
+    ds = load_dataset("csv", _csv(tmp_path, jpegs, rows))
+    assert ds.root == str(tmp_path / "data.csv") and ds.query is None
+    assert ds.train.class_ids == ("cat", "dog") and ds.test.class_ids == ("emu", "owl")
+    assert ds.test.paths == tuple(str(tmp_path / "img" / f"{i}.jpg") for i in (3, 4, 5))  # absolute path as is
+    np.testing.assert_array_equal(ds.test.labels, [1, 1, 0])
+    rows = ["img/0.jpg,cat,train,,", "img/1.jpg,cat,train,0,0", "img/3.jpg,owl,test,1,0", "img/4.jpg,emu,test,1,0",
+            "img/5.jpg,owl,test,0,1", "img/6.jpg,yak,test,false,true", "img/7.jpg,emu,test,0,1"]
+    ds = load_dataset("csv", _csv(tmp_path, jpegs, rows, "path,label,split,is_query,is_gallery"))
+    assert ds.test is None and ds.query.class_ids == ds.gallery.class_ids == ("emu", "owl", "yak")
+    np.testing.assert_array_equal(ds.query.labels, [1, 0])
+    np.testing.assert_array_equal(ds.gallery.labels, [1, 2, 0])
+    both = ["img/0.jpg,cat,train,0,0", "img/3.jpg,owl,test,1,1", "img/4.jpg,owl,test,True,True"]
+    ds = load_dataset("csv", _csv(tmp_path, jpegs, both, "path,label,split,is_query,is_gallery"))
+    assert ds.query is None and len(ds.test) == 2  # every test row both: the single-set protocol
+
+
+@pytest.mark.parametrize("header, rows, message", [
+    ("path,split", ["img/0.jpg,train"], r"line 1 \(the header\) has no column label"),
+    ("path,label,split", ["img/0.jpg,cat,train", "img/1.jpg,cat,val"], r"line 3: split 'val' is not one of train, test"),
+    ("path,label,split", ["img/0.jpg,cat,train", "img/missing.jpg,cat,test"], r"line 3: image img/missing\.jpg does not exist"),
+    ("path,label,split", ["img/0.jpg,cat,train", "img/1.jpg,cat"], r"line 3: 2 fields, expected 3"),
+    ("path,label,split", ["img/0.jpg,cat,train", "img/0.jpg,dog,test"], r"line 3: img/0\.jpg is listed again \(first on line 2\)"),
+    ("path,label,split", ["img/0.jpg,,train"], r"line 2: empty label"),
+    ("path,label,split", ["img/0.jpg,cat,train"], r"the test split is empty"),
+    ("path,label,split,is_query", ["img/0.jpg,cat,train,0"], r"is_query without its partner"),
+    ("path,label,split,is_query,is_gallery", ["img/0.jpg,a,train,0,0", "img/1.jpg,b,test,1,1", "img/2.jpg,b,test,1,0"],
+     r"line 3: a test row is both query and gallery"),
+    ("path,label,split,is_query,is_gallery", ["img/0.jpg,a,train,0,0", "img/1.jpg,b,test,maybe,0"],
+     r"line 3: is_query 'maybe' is not one of 1, 0"),
+])
+def test_csv_dataset_errors_name_the_line(tmp_path, jpegs, header, rows, message):
+    with pytest.raises(MalformedDatasetError, match=message + r".*data\.csv.*header path,label,split"):
+        load_dataset("csv", _csv(tmp_path, jpegs, rows, header))
+
+
+def test_convert_round_trips_through_csv_and_folders(tmp_path, jpegs):
+    from fastiaa.data.convert import csv_text, first_classes, write_folders
+
+    folder = tmp_path / "Stanford_Online_Products"
+    _sop_tree(folder, jpegs)
+    sop = load_dataset("stanford", folder)
+    (tmp_path / "sop.csv").write_text(csv_text(sop, tmp_path))
+    back = load_dataset("csv", tmp_path / "sop.csv")
+    for name in ("train", "test"):
+        a, b = getattr(sop, name), getattr(back, name)
+        assert a.paths == b.paths and [a.class_ids[k] for k in a.labels] == [b.class_ids[k] for k in b.labels]
+    tree = write_folders(first_classes(sop, 2), tmp_path / "tree")
+    small = load_dataset("folder", tree)
+    assert small.train.class_ids == ("1", "2") and small.test.class_ids == ("11319", "11320")
+    assert len(small.train) == 5 and os.path.samefile(small.train.paths[0], sop.train.paths[0])  # hard links
+    with pytest.raises(FileExistsError, match="already exists"):
+        write_folders(sop, tree)
+    inshop = load_dataset("inshop", _inshop_tree(tmp_path / "In_Shop", jpegs) and tmp_path)
+    with pytest.raises(DatasetError, match="convert it to csv instead"):
+        write_folders(inshop, tmp_path / "inshop_tree")
+    (tmp_path / "inshop.csv").write_text(csv_text(inshop, tmp_path))
+    again = load_dataset("csv", tmp_path / "inshop.csv")
+    assert again.query.paths == inshop.query.paths and again.gallery.paths == inshop.gallery.paths
+    np.testing.assert_array_equal(again.gallery.labels, inshop.gallery.labels)
+
+
+def test_data_check_reports_single_image_classes(tmp_path, jpegs, capsys):
+    from fastiaa import cli
+
+    _folders(tmp_path, jpegs, {"train": {"cat": 2, "ant": 1, "bee": 1}, "test": {"owl": 2, "emu": 1}})
+    assert cli.main(["data", "check", "--dataset", "folder", "--data", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("train: 4 images, 3 classes, 1-2 (median 1) images per class, 2 with a single image (ant, bee; "
+                      "legal: batches skip them (no positive pair), the statistics keep them and neighbour correction "
+                      "serves the classes with few images, docs/method.md §4)")
+    assert out[1].startswith("test: 3 images, 2 classes, 1-2 (median 1.5) images per class, 1 with a single image (emu;")
+    assert out[-1] == "7 images checked, 0 unreadable"
+    empty = tmp_path / "no_images"
+    (empty / "train").mkdir(parents=True)
+    assert cli.main(["data", "check", "--dataset", "folder", "--data", str(empty)]) == 2
+    assert capsys.readouterr().err.startswith("fastiaa data: error: Folder dataset: no class folder, so no image")
+    table = _csv(tmp_path / "csv", jpegs, ["img/0.jpg,cat,train", "img/1.jpg,cat,tset"])
+    assert cli.main(["data", "check", "--dataset", "csv", "--data", str(table)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastiaa data: error: CSV dataset: line 3: split 'tset' is not one of train, test, "
+                          f"validation ({table})") and len(err.splitlines()) == 1

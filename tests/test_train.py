@@ -288,3 +288,56 @@ def test_gpu_evaluation_equals_cpu(photo_root, tmp_path, monkeypatch):
     assert on_gpu.keys() == on_cpu.keys()
     for key, value in on_cpu.items():  # the same model (seeded): float32 rounding of the convolutions only
         assert on_gpu[key] == pytest.approx(value, abs=0.011), key
+
+
+# ---------------------------------------------------------------- your own data, pictures of the results
+
+def test_a_drawn_split_is_written_beside_the_run_and_every_evaluation_draws_retrievals(own_run):
+    from fastiaa.data import load_dataset
+    from fastiaa.report import schedule_marks
+
+    run, drawn = own_run["run"], load_dataset("folder", own_run["folder"])
+    written = load_dataset("csv", run / "split.csv")  # the split, readable as a csv dataset
+    for name in ("train", "test"):
+        a, b = getattr(drawn, name), getattr(written, name)
+        assert a.paths == b.paths and [a.class_ids[k] for k in a.labels] == [b.class_ids[k] for k in b.labels]
+    assert (len(drawn.train.class_ids), len(drawn.test.class_ids)) == (24, 24)
+    assert (run / "retrievals.png").stat().st_size > 10_000
+    assert schedule_marks(records(own_run["config"])) == ([1], 1)  # refresh and synthesis in epoch 1
+
+
+def test_training_on_a_csv_copy_with_a_query_gallery_protocol(kanji_root, tmp_path, capsys):
+    data = tmp_path / "kanji.csv"
+    assert cli.main(["data", "convert", "--dataset", "kanji", "--data", str(kanji_root), "--to", "csv",
+                     "--out", str(data), "--classes", "12"]) == 0
+    header, *rows = data.read_text().splitlines()  # test rows: alternately query and gallery
+    flags = [",0,0" if row.endswith(",train") else (",1,0" if i % 2 else ",0,1") for i, row in enumerate(rows)]
+    data.write_text("\n".join([header + ",is_query,is_gallery"] + [r + f for r, f in zip(rows, flags)]) + "\n")
+    assert cli.main(["train", "--dataset", "csv", "--data", str(data), "--backbone", "efficientnet_lite0",
+                     "--image-size", "48", "--resize-size", "56", "--batch", "24", "--num_image_per_class", "3",
+                     "--iter-per-epoch", "1", "--epochs", "1", "--embedding-size", "32", "--workers", "0",
+                     "--save-dir", str(tmp_path), "--name", "csv"]) == 0
+    run = tmp_path / "csv"
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (run / "retrievals.png").is_file() and not (run / "split.csv").exists()  # the CSV holds the split
+    assert evaluate_checkpoint(run / "best.pt", device="cpu")["recall@1"] == last["recall@1"]
+    assert last["num_queries"] == 12 * 8 // 2  # the queries, searched against the gallery
+
+
+def test_schedule_marks_and_retrieval_frames(kanji_root, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from fastiaa.data import load_dataset
+    from fastiaa.report import FRAME_COLOURS, Hit, Retrieval, plot_retrievals, schedule_marks
+
+    recs = [{"epoch": 0}, {"epoch": 1, "lambda": 0.0, "loss": 1}, {"epoch": 2, "refresh_s": 3, "lambda": 0.0, "loss": 1},
+            {"epoch": 3, "lambda": 0.5, "loss": 2}, {"epoch": 4, "refresh_s": 3, "lambda": 0.5, "loss": 2}]
+    assert schedule_marks(recs) == ([2, 4], 3) and schedule_marks(recs[:3]) == ([2], None)
+    a, b, c = load_dataset("kanji", kanji_root).test.paths[:3]
+    retrievals = [Retrieval(a, "x", (Hit(b, "x", 0.9), Hit(c, "y", 0.5))), Retrieval(b, "", (Hit(a, "x", 0.8),))]
+    assert plot_retrievals(retrievals, tmp_path / "r.png") == [[True, False], [None]]
+    png = np.asarray(Image.open(tmp_path / "r.png").convert("RGB"))
+    for flag, colour in FRAME_COLOURS.items():  # each frame colour is drawn (4 px wide)
+        rgb = [int(colour[i:i + 2], 16) for i in (1, 3, 5)]
+        assert (png == rgb).all(-1).sum() > 200, flag

@@ -1,11 +1,17 @@
-"""Readers for the deep-metric-learning datasets of docs/method.md §1 in their official on-disk layouts.
+"""Readers for the deep-metric-learning datasets of docs/method.md §1 in their official on-disk layouts,
+and for your own images (``folder``: one folder per class; ``csv``: one row per image).
 
-Every reader parses the dataset's own list files (plain line splitting, no image is opened and no
-per-image file-system call is made), numbers the classes 0..C-1 and splits them into the
-zero-shot train / test halves of docs/method.md §1 (train and test classes never overlap).
+Every official reader parses the dataset's own list files (plain line splitting, no image is opened
+and no per-image file-system call is made), numbers the classes 0..C-1 and splits them into the
+zero-shot train / test halves of docs/method.md §1 (train and test classes never overlap). The
+``folder`` reader lists the class folders; the ``csv`` reader checks that every listed file exists.
+Neither opens an image (``fastiaa data check`` decodes them) and neither drops anything: a file
+or row it cannot place is an error naming the file, the line and what to fix.
 """
 from __future__ import annotations
 
+import csv
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,10 +77,12 @@ class ImageSet:
 class Dataset:
     """A dataset with its zero-shot splits and evaluation protocol (docs/method.md §1, §2, §8).
 
-    ``test`` is both query and reference set (cub200, cars196, stanford, kanji); In-Shop has
-    ``query`` and ``gallery`` instead, which share one label numbering keyed by item id.
-    ``resize`` is "shorter" (CUB: shorter side to 256) or "square" (256x256); ``recall_ks``
-    are the K of Recall@K reported for the dataset.
+    ``test`` is both query and reference set (cub200, cars196, stanford, kanji); In-Shop (and a
+    csv dataset with is_query / is_gallery columns) has ``query`` and ``gallery`` instead, which
+    share one label numbering keyed by class id. ``resize`` is "shorter" (CUB: shorter side to
+    256) or "square" (256x256); ``recall_ks`` are the K of Recall@K reported for the dataset.
+    ``split_seed`` is None when the dataset defines its split, else the seed of the class split
+    fastiaa drew (a folder dataset without test/); the trainer then writes that split to the run.
     """
 
     name: str
@@ -85,6 +93,7 @@ class Dataset:
     gallery: ImageSet | None
     resize: str
     recall_ks: tuple[int, ...]
+    split_seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -92,23 +101,25 @@ class _Info:
     """What a reader needs to find its files and to explain a failure."""
 
     title: str  # the dataset's name in messages
-    folder: str  # dataset folder name under --data
-    marker: str  # a file that identifies the dataset folder
+    folder: str | None  # dataset folder name under --data (None: --data is the dataset itself)
+    marker: str  # a file that identifies the dataset folder ("" with folder None)
     layout: str  # expected layout, for messages
-    source: str  # where the dataset is published
+    source: str | None  # where the dataset is published (None: your own data)
     resize: str
     recall_ks: tuple[int, ...]
 
     def error(self, cls: type[DatasetError], path: Path, problem: str) -> DatasetError:
-        return cls(
-            f"{self.title}: {problem} ({path}). Expected layout under --data: {self.layout}. "
-            f"{self.title} is published at {self.source}."
-        )
+        published = f" {self.title} is published at {self.source}." if self.source else ""
+        return cls(f"{self.title}: {problem} ({path}). Expected layout of --data: {self.layout}.{published}")
+
+
+def _absolute(path: str | os.PathLike) -> Path:
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
 def _find_folder(root: str | os.PathLike, info: _Info) -> Path:
     """Return the dataset folder: ``root/<folder>`` or ``root`` itself, whichever holds the marker."""
-    root = Path(os.path.abspath(os.path.expanduser(os.fspath(root))))
+    root = _absolute(root)
     for folder in (root / info.folder, root):
         if (folder / info.marker).is_file():
             return folder
@@ -270,12 +281,212 @@ def _read_inshop(folder: Path, info: _Info) -> dict[str, ImageSet]:
     return sets
 
 
+# ---------------------------------------------------------------- your own images
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pbm", ".pgm", ".ppm", ".pnm")
+"""File name endings (any case) of the images both loaders decode; hidden files (``.name``) are skipped."""
+
+SPLIT_SEED = 0
+"""Seed of the class split drawn for a folder dataset without test/."""
+
+CSV_COLUMNS = ("path", "label", "split")
+"""Required columns of a csv dataset (open-metric-learning's names); ``is_query`` and ``is_gallery``
+are optional, together; other columns are ignored."""
+
+CSV_SPLITS = {"train": "train", "test": "test", "validation": "test"}
+"""Values of the csv ``split`` column ("validation" is open-metric-learning's name for test)."""
+
+_TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no", "")
+
+
+def _walk_images(folder: Path) -> tuple[list[str], list[str]]:
+    """(image files, other files) below ``folder``, recursively, sorted by path; hidden names skipped."""
+    images, others = [], []
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in (f for f in files if not f.startswith(".")):
+            (images if name.lower().endswith(IMAGE_EXTENSIONS) else others).append(os.path.join(top, name))
+    return sorted(images), sorted(others)
+
+
+def list_images(folder: str | os.PathLike) -> list[str]:
+    """Every image file below ``folder`` (recursively, sorted by path; hidden names skipped).
+
+    Raises:
+        DatasetNotFoundError: no such folder. MalformedDatasetError: a file that is not an image
+        (its name does not end in one of ``IMAGE_EXTENSIONS``), or no image at all.
+    """
+    folder = _absolute(folder)
+    if not folder.is_dir():
+        raise DatasetNotFoundError(f"no folder {folder}")
+    images, others = _walk_images(folder)
+    if others:
+        raise MalformedDatasetError(f"{others[0]} is not an image (names end in {', '.join(IMAGE_EXTENSIONS)}): "
+                                    "move it out of the image folder")
+    if not images:
+        raise MalformedDatasetError(f"no image in {folder} (names end in {', '.join(IMAGE_EXTENSIONS)})")
+    return images
+
+
+def _class_folders(split_dir: Path, info: _Info) -> dict[str, list[str]]:
+    """{class folder name: its image files} of one split folder (train/ or test/)."""
+    classes = {}
+    for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_dir():
+            raise info.error(MalformedDatasetError, Path(entry.path),
+                             "a file directly in the split folder: put each image in its class folder")
+        images, others = _walk_images(Path(entry.path))
+        if others:
+            raise info.error(MalformedDatasetError, Path(others[0]), f"not an image (names end in "
+                             f"{', '.join(IMAGE_EXTENSIONS)}): move it out of the class folder")
+        if not images:
+            raise info.error(MalformedDatasetError, Path(entry.path), "empty class folder: add its images or remove it")
+        classes[entry.name] = images
+    if not classes:
+        raise info.error(MalformedDatasetError, split_dir, "no class folder, so no image")
+    return classes
+
+
+def _from_classes(classes: dict[str, list[str]], names) -> ImageSet:
+    paths = [p for name in names for p in classes[name]]
+    return _image_set(paths, np.array([name for name in names for _ in classes[name]], dtype=str))
+
+
+def _read_folder(root: Path, info: _Info) -> dict:
+    if not (root / "train").is_dir():
+        raise info.error(DatasetNotFoundError, root, "no train/ folder")
+    train = _class_folders(root / "train", info)
+    if (root / "test").exists():
+        test = _class_folders(root / "test", info)
+        return {"train": _from_classes(train, sorted(train)), "test": _from_classes(test, sorted(test))}
+    names = sorted(train)
+    if len(names) < 2:
+        raise info.error(MalformedDatasetError, root / "train",
+                         "without test/ the classes are split in two halves, which needs at least 2 classes")
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(names))
+    half = (len(names) + 1) // 2
+    return {"train": _from_classes(train, sorted(names[i] for i in order[:half])),
+            "test": _from_classes(train, sorted(names[i] for i in order[half:])), "split_seed": SPLIT_SEED}
+
+
+@dataclass(frozen=True)
+class CsvRow:
+    """One image of a csv dataset: absolute ``path``, ``label`` (class id), ``split`` ("train" /
+    "test"), ``is_query`` / ``is_gallery`` (None without those columns), ``line`` in the file."""
+
+    path: str
+    label: str
+    split: str
+    is_query: bool | None
+    is_gallery: bool | None
+    line: int
+
+
+def read_csv_rows(csv_path: str | os.PathLike, required: tuple[str, ...] = CSV_COLUMNS) -> list[CsvRow]:
+    """Parse an image CSV (docs/architecture.md, "Your own data"): a header naming the columns, then
+    one row per image. Paths are relative to the CSV's folder (absolute ones are used as is) and
+    must exist; columns not in ``required`` may be absent ("" label, "test" split).
+
+    Raises:
+        DatasetNotFoundError: no such file. MalformedDatasetError: a missing column, a row with
+        the wrong number of fields, an empty path or label, an unknown split, a bad is_query /
+        is_gallery value, a path listed twice or one that does not exist; the message names the
+        file and the line.
+    """
+    info = _DATASETS["csv"][0]
+    csv_path = _absolute(csv_path)
+    try:
+        text = csv_path.read_text(encoding="utf-8-sig")  # -sig: spreadsheet programs write a byte-order mark
+    except FileNotFoundError:
+        raise info.error(DatasetNotFoundError, csv_path, "file missing") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise info.error(MalformedDatasetError, csv_path, f"cannot read file: {err}") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = [name.strip() for name in next(reader, [])]
+    missing = [name for name in required if name not in header]
+    if missing:
+        raise info.error(MalformedDatasetError, csv_path, f"line 1 (the header) has no column "
+                         f"{', '.join(missing)}; it has {','.join(header) or 'nothing'}")
+    protocol = [name for name in ("is_query", "is_gallery") if name in header]
+    if len(protocol) == 1:
+        raise info.error(MalformedDatasetError, csv_path,
+                         f"the header has {protocol[0]} without its partner: give is_query and is_gallery, or neither")
+    column = {name: header.index(name) for name in header}
+    folder, rows, seen = csv_path.parent, [], {}
+
+    def bad(problem: str) -> DatasetError:
+        return info.error(MalformedDatasetError, csv_path, f"line {reader.line_num}: {problem}")
+
+    def flag(fields, name) -> bool | None:
+        if not protocol:
+            return None
+        value = fields[column[name]].strip().lower()
+        if value not in _TRUE + _FALSE:
+            raise bad(f"{name} {value!r} is not one of 1, 0, true, false")
+        return value in _TRUE
+
+    for fields in reader:
+        if not any(field.strip() for field in fields):
+            continue
+        if len(fields) != len(header):
+            raise bad(f"{len(fields)} fields, expected {len(header)} ({','.join(header)})")
+        rel, label, split = (fields[column[name]].strip() if name in column else default
+                             for name, default in (("path", ""), ("label", ""), ("split", "test")))
+        if not rel or ("label" in required and not label):
+            raise bad("empty " + ("path" if not rel else "label"))
+        if split.lower() not in CSV_SPLITS:
+            raise bad(f"split {split!r} is not one of {', '.join(CSV_SPLITS)}")
+        path = os.path.normpath(os.path.join(folder, rel))
+        if path in seen:
+            raise bad(f"{rel} is listed again (first on line {seen[path]}); list each image once")
+        if not os.path.isfile(path):
+            raise bad(f"image {rel} does not exist ({path}; relative paths start at the CSV's folder)")
+        seen[path] = reader.line_num
+        rows.append(CsvRow(path, label, CSV_SPLITS[split.lower()], flag(fields, "is_query"),
+                           flag(fields, "is_gallery"), reader.line_num))
+    if not rows:
+        raise info.error(MalformedDatasetError, csv_path, "no data rows after the header")
+    return rows
+
+
+def _read_csv(csv_path: Path, info: _Info) -> dict:
+    rows = read_csv_rows(csv_path)
+
+    def images(chosen, class_keys=None) -> ImageSet:
+        return _image_set([r.path for r in chosen], np.array([r.label for r in chosen], dtype=str), class_keys)
+
+    train = [r for r in rows if r.split == "train"]
+    test = [r for r in rows if r.split == "test"]
+    wrong = next((r for r in train if r.is_query or r.is_gallery), None)
+    if wrong is not None:
+        raise info.error(MalformedDatasetError, csv_path,
+                         f"line {wrong.line}: a train row is marked query or gallery; only test rows are")
+    sets = {"train": images(train)}
+    if not test or test[0].is_query is None or all(r.is_query and r.is_gallery for r in test):
+        sets["test"] = images(test)   # single-set protocol: every test image queries all the others
+    else:
+        for r in test:
+            if r.is_query == r.is_gallery:
+                raise info.error(MalformedDatasetError, csv_path, (
+                    f"line {r.line}: a test row is {'both' if r.is_query else 'neither'} query and "
+                    f"{'' if r.is_query else 'nor '}gallery; mark each one or the other "
+                    "(or every test row both, for the single-set protocol)"))
+        shared = np.unique(np.array([r.label for r in test], dtype=str))
+        sets["query"] = images([r for r in test if r.is_query], shared)
+        sets["gallery"] = images([r for r in test if r.is_gallery], shared)
+    _require_nonempty(sets, csv_path, info, "split train / test")
+    return sets
+
+
 _SOP_LAYOUT = (
     "{folder}/Ebay_train.txt and {folder}/Ebay_test.txt "
     "(header 'image_id class_id super_class_id path', paths relative to {folder})"
 )
 
-_DATASETS: dict[str, tuple[_Info, Callable[[Path, _Info], dict[str, ImageSet]]]] = {
+# name -> (what it is, its reader); a reader returns Dataset fields: the split ImageSets (and split_seed)
+_DATASETS: dict[str, tuple[_Info, Callable[[Path, _Info], dict]]] = {
     "cub200": (_Info(
         "CUB-200-2011", "CUB_200_2011", "images.txt",
         "CUB_200_2011/images.txt ('image_id path'), CUB_200_2011/image_class_labels.txt ('image_id class_id'), "
@@ -304,40 +515,64 @@ _DATASETS: dict[str, tuple[_Info, Callable[[Path, _Info], dict[str, ImageSet]]]]
         "Kanji demo", "kanji", "Ebay_train.txt", _SOP_LAYOUT.format(folder="kanji"),
         "no web site: build it locally with `fastiaa data kanji --out DIR` (fastiaa.data.build_kanji)",
         "square", (1, 2, 4, 8)), _read_sop),
+    "folder": (_Info(
+        "Folder dataset", None, "",
+        "DIR/train/<class>/<images> and optionally DIR/test/<class>/<images>, one folder per class "
+        "(without test/ the classes are split in two halves)", None, "square", (1, 2, 4, 8)), _read_folder),
+    "csv": (_Info(
+        "CSV dataset", None, "",
+        "a CSV file with the header path,label,split (optional is_query,is_gallery), one row per image, "
+        "split train or test (or validation), paths relative to the CSV", None, "square", (1, 2, 4, 8)), _read_csv),
 }
 
 DATASETS: tuple[str, ...] = tuple(_DATASETS)
 """Names accepted by :func:`load_dataset`."""
 
 
+def resize_mode(name: str) -> str:
+    """The eval resize of a dataset (``Dataset.resize``) without reading it: "square" or "shorter".
+
+    Raises:
+        DatasetError: unknown name.
+    """
+    return _info(name)[0].resize
+
+
+def _info(name: str) -> tuple[_Info, Callable[[Path, _Info], dict]]:
+    if name not in _DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return _DATASETS[name]
+
+
 def load_dataset(name: str, root: str | os.PathLike) -> Dataset:
     """Read a dataset's split lists from disk (docs/method.md §1); images are not opened.
 
     Args:
-        name: one of ``DATASETS`` ("cub200", "cars196", "stanford", "inshop", "kanji").
+        name: one of ``DATASETS`` ("cub200", "cars196", "stanford", "inshop", "kanji", "folder", "csv").
         root: the folder holding the dataset folder (e.g. ``root/CUB_200_2011``) or the
-            dataset folder itself.
+            dataset folder itself; ``folder``: the folder holding train/ (and test/); ``csv``:
+            the CSV file.
 
     Returns:
         Dataset with absolute image paths. Class splits (zero-shot): CUB classes 1-100 train,
         101-200 test; Cars196 classes 1-98 train, 99-196 test; SOP / kanji: Ebay_train.txt /
         Ebay_test.txt; In-Shop: evaluation_status train / query / gallery, query and gallery
-        numbered together by item id.
+        numbered together by item id; folder: train/ and test/ (without test/, the classes
+        in two halves drawn with ``SPLIT_SEED``: ceil(C/2) train); csv: the split column, and
+        query / gallery from is_query / is_gallery when given. Custom labels are class-folder
+        names or the label column, numbered in sorted order.
 
     Raises:
-        DatasetError: unknown name; DatasetNotFoundError: a list file or the image folder is
-        missing; MalformedDatasetError: a list file does not follow the official format. The
-        message names the file, the expected layout and where the dataset is published.
+        DatasetError: unknown name; DatasetNotFoundError: a list file, the image folder or a
+        listed image is missing; MalformedDatasetError: a list file does not follow the
+        format. The message names the file (and line), the expected layout and where the
+        dataset is published.
     """
-    if name not in _DATASETS:
-        raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    info, read = _DATASETS[name]
-    folder = _find_folder(root, info)
-    sets = read(folder, info)
-    first = next(iter(sets.values())).paths[0]
+    info, read = _info(name)
+    folder = _find_folder(root, info) if info.folder else _absolute(root)
+    fields = read(folder, info)
+    first = fields["train"].paths[0]
     if not os.path.isfile(first):
         raise info.error(DatasetNotFoundError, Path(first), "image listed in the split files is missing")
-    return Dataset(
-        name=name, root=str(folder), train=sets["train"], test=sets.get("test"),
-        query=sets.get("query"), gallery=sets.get("gallery"), resize=info.resize, recall_ks=info.recall_ks,
-    )
+    return Dataset(**{"test": None, "query": None, "gallery": None, **fields}, name=name, root=str(folder),
+                   resize=info.resize, recall_ks=info.recall_ks)

@@ -2,7 +2,7 @@
 the trainer (refreshes, evaluation), ``fastiaa eval`` and anyone's own loop."""
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from tqdm import tqdm
@@ -52,7 +52,7 @@ def embed(model: torch.nn.Module, loader: Iterable, device: torch.device, amp: t
 
 def evaluate(model: torch.nn.Module, loaders: Mapping[str, Iterable], device: torch.device,
              amp: torch.dtype | None = None, ks=(1, 2, 4, 8), map_at_r: bool = True,
-             world: World | None = None) -> dict:
+             world: World | None = None, on_embeddings: Callable | None = None) -> dict:
     """Recall@K, MAP@R and R-Precision of ``model`` on the held-out classes (docs/method.md §8).
 
     Args:
@@ -62,6 +62,8 @@ def evaluate(model: torch.nn.Module, loaders: Mapping[str, Iterable], device: to
         ks, map_at_r: as :func:`retrieval_metrics`.
         world: under DDP each rank embeds its shard; rank 0 computes the metrics, every rank
             returns them.
+        on_embeddings: called on rank 0 with ``(query, query_labels, reference, reference_labels)``
+            (reference None when the query set is the reference set), e.g. to draw retrievals.
 
     Returns:
         the dict of :func:`retrieval_metrics`.
@@ -72,6 +74,10 @@ def evaluate(model: torch.nn.Module, loaders: Mapping[str, Iterable], device: to
         g, gl = embed(model, loaders["gallery"], device, amp, world, "evaluate gallery")
         args = (q, ql, g, gl)
     else:
-        args = embed(model, loaders["test"], device, amp, world, "evaluate")
-    metrics = retrieval_metrics(*args, ks=ks, map_at_r=map_at_r, device=device) if world.is_main else None
+        args = (*embed(model, loaders["test"], device, amp, world, "evaluate"), None, None)
+    metrics = None
+    if world.is_main:
+        if on_embeddings is not None:
+            on_embeddings(*args)
+        metrics = retrieval_metrics(*args, ks=ks, map_at_r=map_at_r, device=device)
     return distributed.broadcast_object(metrics, world)
