@@ -102,7 +102,7 @@ def _report_skipped(embeddings) -> None:
 def _embedder(args):
     from fastiaa.embeddings import Embedder
 
-    return Embedder(args.checkpoint, args.device, args.loader, args.batch, args.workers)
+    return Embedder(args.checkpoint, args.device, args.loader, args.batch, args.workers, args.cache, args.cache_dir)
 
 
 def _cmd_embed(args) -> int:
@@ -190,6 +190,10 @@ def _checkpoint_flags(p, embeds: bool = True) -> None:
         p.add_argument("--workers", type=non_negative_int, default=None, help="loader threads (default: the run's)")
         p.add_argument("--strict", action="store_true",
                        help="stop at the first unreadable image (default: list and skip)")
+        p.add_argument("--cache", default="off", choices=("off", "ram", "device"),
+                       help="decode once into a cache in host (ram) or GPU (device) memory")
+        p.add_argument("--cache-dir", default=None,
+                       help="a persistent cache folder (a training run's --cache-dir serves its test images)")
 
 
 

@@ -16,10 +16,12 @@ import torch
 
 from fastiaa import checkpoint, registry, runtime
 from fastiaa.data import (
-    IMAGE_EXTENSIONS, DatasetNotFoundError, ImageSet, check_images, list_images, read_csv_rows, resize_mode,
+    IMAGE_EXTENSIONS, DatasetError, DatasetNotFoundError, ImageSet, check_images, list_images, read_csv_rows,
+    resize_mode,
 )
 from fastiaa.errors import UnreadableImageError
 from fastiaa.evaluation import embed
+from fastiaa.pipelines import build_cache
 
 FORMAT = "fastiaa-embeddings/1"
 DTYPES = registry.EMBEDDING_DTYPES
@@ -167,7 +169,10 @@ class Embedder:
     """The model of a ``fastiaa train`` checkpoint with the evaluation pipeline of its run (the
     loader, batch size, resize and crop of ``fastiaa eval``, docs/method.md §2), on ``device``.
 
-    ``loader``, ``batch_size`` and ``workers`` override the run's (None: keep them).
+    ``loader``, ``batch_size`` and ``workers`` override the run's (None: keep them). ``cache_dir``:
+    decode the images once into the persistent cache there (pipelines.cache; the test split's
+    cache of a training run with the same ``--cache-dir`` serves the same images), ``cache``:
+    ``"device"`` keeps it in GPU memory instead of host memory.
 
     Raises:
         FileNotFoundError: no checkpoint. ValueError: not a fastiaa checkpoint, an unknown
@@ -175,7 +180,8 @@ class Embedder:
     """
 
     def __init__(self, checkpoint_path: str | os.PathLike, device: str = "auto", loader: str | None = None,
-                 batch_size: int | None = None, workers: int | None = None):
+                 batch_size: int | None = None, workers: int | None = None, cache: str = "off",
+                 cache_dir: str | None = None):
         state = checkpoint.load(checkpoint_path)
         overrides = {k: v for k, v in (("loader", loader), ("eval_batch", batch_size), ("workers", workers))
                      if v is not None}
@@ -186,6 +192,7 @@ class Embedder:
         self.resize = resize_mode(self.cfg.data.dataset)
         self.model = runtime.checkpoint_model(state, self.cfg, self.device)
         self.fingerprint = fingerprint(state, self.cfg, self.resize)
+        self.cache, self.cache_dir = cache, cache_dir
 
     def embed(self, paths: Sequence[str], labels: Sequence[str] | None = None, strict: bool = False,
               desc: str = "embed") -> Embeddings:
@@ -210,6 +217,10 @@ class Embedder:
             skipped = check_images(paths)
             if error.path not in {p for p, _ in skipped}:  # the pipeline's decoder refuses what PIL reads
                 skipped.append((error.path, str(error)))
+        except DatasetError as error:  # a cache's decode pass lists every unreadable image at once
+            if strict or not hasattr(error, "bad"):
+                raise
+            skipped = list(error.bad)
         bad = {p for p, _ in skipped}
         keep = [i for i, p in enumerate(paths) if p not in bad]
         if not keep:
@@ -219,6 +230,11 @@ class Embedder:
 
     def _pass(self, paths: list[str], desc: str) -> np.ndarray:
         images = ImageSet(tuple(paths), np.zeros(len(paths), np.int64), ("",))
-        loader = runtime.eval_loader(self.cfg, images, self.resize, self.model.input_space, self.device)
+        cache = None
+        if self.cache != "off" or self.cache_dir is not None:
+            geometry = runtime.loader_geometry(self.cfg, self.resize, self.model.input_space, self.device)
+            cache = build_cache(self.cfg.data.loader, images, "crop", where="device" if self.cache == "device" else "ram",
+                                cache_dir=self.cache_dir, **geometry)
+        loader = runtime.eval_loader(self.cfg, images, self.resize, self.model.input_space, self.device, cache)
         z, _ = embed(self.model, loader, self.device, self.amp, desc=desc)
         return z.cpu().numpy()

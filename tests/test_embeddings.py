@@ -53,6 +53,12 @@ def test_embed_writes_the_trainers_evaluation_embeddings(own_run, held_out, tmp_
     assert "images embedded (512-d float32)" in capsys.readouterr().out
     loaded = Embeddings.load(tmp_path / "test_float16.npy")
     assert loaded.vectors.dtype == np.float16 and loaded.labels == tuple(side["labels"])
+    for run in range(2):  # decode once into a persistent cache, then map it: the same embeddings
+        out = tmp_path / f"cached{run}.npy"
+        assert cli.main(["embed", "--checkpoint", str(own_run["checkpoint"]), "--images", images, "--out", str(out),
+                         "--device", "cpu", "--cache-dir", str(tmp_path / "cache")]) == 0
+        np.testing.assert_array_equal(np.load(out), expected)
+    assert len(list((tmp_path / "cache").glob("*.crop.u8"))) == 1
 
 
 def test_unreadable_images_are_listed_and_skipped_or_stop_the_run_with_strict(own_run, held_out, tmp_path, capsys):
