@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 
 DEFAULT_MIB = 256.0
 
@@ -30,6 +31,11 @@ def budget_mib() -> float:
 def block_elements(parts: int = 1, element_bytes: int = 4) -> int:
     """Elements of one block when ``parts`` such blocks are held at once (at least 1)."""
     return max(1, int(_budget_mib.get() * 2**20) // (parts * element_bytes))
+
+
+def block_side(parts: int = 1, element_bytes: int = 4) -> int:
+    """Rows of a square block when ``parts`` such blocks are held at once (at least 1)."""
+    return math.isqrt(block_elements(parts, element_bytes))
 
 
 @contextlib.contextmanager
