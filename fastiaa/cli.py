@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -222,12 +223,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_reports() -> None:
+    """fastiaa's one-line reports (e.g. the evaluator's backend choice) on stderr."""
+    log = logging.getLogger("fastiaa")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("fastiaa: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; errors about the user's input print as one line (exit 2), not a traceback."""
     from fastiaa.data import DatasetError
     from fastiaa.errors import NonFiniteError
 
     args = build_parser().parse_args(argv)
+    _show_reports()
     handler = {"train": _cmd_train, "eval": _cmd_eval, "data": _cmd_data}[args.command]
     try:
         return handler(args)
