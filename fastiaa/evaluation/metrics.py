@@ -270,9 +270,9 @@ def _report_auto(symmetric: bool, faiss_first: bool) -> None:
 def _faiss_first_on_this_cpu() -> bool:
     """The rule of ``"auto"`` on a CPU for passes over the whole reference set (query/gallery
     mode, or a class larger than a symmetric block): faiss on AMD processors, torch elsewhere.
-    Measured (bench/RESULTS.md): torch's products (MKL) are slower than faiss's (OpenBLAS) on
-    AMD EPYC and faster on Intel. A rule rather than a timing, so that one machine always takes
-    the same backend (records stay bit-for-bit reproducible)."""
+    Measured with bench/bench_eval.py: torch's products (MKL) run slower than faiss's (OpenBLAS)
+    on AMD EPYC and faster on Intel (bench/RESULTS.md). A rule rather than a timing, so that one
+    machine always takes the same backend (records stay bit-for-bit reproducible)."""
     return _cpu_vendor() == "AMD"
 
 
