@@ -199,32 +199,39 @@ class _Nearest:
         at = slice(self.first[g], self.first[g] + h_m.shape[1 - axis])
         width = self.width[h]
         if self.sentinel and width < h_m.shape[axis]:  # the row itself is among them when it is one
-            self.far_m[at] = torch.maximum(self.far_m[at], _reduce(h_m.narrow(axis, width, h_m.shape[axis] - width), axis, max))
-            self.far_cv[at] = torch.maximum(self.far_cv[at], _reduce(h_cv.narrow(axis, width, h_cv.shape[axis] - width), axis, max))
+            rest = h_m.shape[axis] - width
+            self.far_m[at] = torch.maximum(self.far_m[at], _reduce(h_m.narrow(axis, width, rest), axis, "max"))
+            self.far_cv[at] = torch.maximum(self.far_cv[at], _reduce(h_cv.narrow(axis, width, rest), axis, "max"))
         if width == 0:
             return
         h_m, h_cv = h_m.narrow(axis, 0, width), h_cv.narrow(axis, 0, width)
-        if g == h:  # a row is not its own candidate (axis 1: the diagonal block)
-            itself = torch.eye(h_m.shape[0], width, dtype=torch.bool, device=h_m.device)
-            h_cv_lo, h_cv_hi = h_cv.masked_fill(itself, math.inf), h_cv.masked_fill(itself, -math.inf)
-            self.hi_m[at] = torch.maximum(self.hi_m[at], h_m.masked_fill(itself, -math.inf).amax(1, keepdim=True))
-            h_m = h_m.masked_fill(itself, math.inf)
-        else:
-            h_cv_lo = h_cv_hi = h_cv
-            self.hi_m[at] = torch.maximum(self.hi_m[at], _reduce(h_m, axis, max))
-        self.lo_cv[at] = torch.minimum(self.lo_cv[at], _reduce(h_cv_lo, axis, min))
-        self.hi_cv[at] = torch.maximum(self.hi_cv[at], _reduce(h_cv_hi, axis, max))
-        if g == h:  # the rows' first block (fastiaa.blocks.block_pairs): their nearest in it
-            value, column = nearest_candidates(h_m, min(self.k, width))
-            taken = slice(0, value.shape[1])
-            self.near[at, taken], self.index[at, taken] = value, self.groups[h][column]
-            self.near_cv[at, taken] = h_cv.gather(1, column)
+        if g == h:  # the diagonal block, the rows' first (fastiaa.blocks.block_pairs): their nearest in it
+            self._first(at, h, h_m, h_cv)
             return
-        # Later blocks: only what beats the running k-th (ties kept for the class rule).
+        self.hi_m[at] = torch.maximum(self.hi_m[at], _reduce(h_m, axis, "max"))
+        self.lo_cv[at] = torch.minimum(self.lo_cv[at], _reduce(h_cv, axis, "min"))
+        self.hi_cv[at] = torch.maximum(self.hi_cv[at], _reduce(h_cv, axis, "max"))
+        # Only what beats the running k-th enters (ties kept for the class rule).
         kth = self.near[at, -1]
         i, j = entries(h_m, kth[:, None] if axis == 1 else kth[None, :], above=False)
         row, column = (i, j) if axis == 1 else (j, i)
         self._merge(at, row, h_m[i, j], self.groups[h][column], h_cv[i, j])
+
+    def _first(self, at: slice, h: int, h_m: torch.Tensor, h_cv: torch.Tensor) -> None:
+        """The diagonal block ``[n_g, width]`` (its own scratch): a row is not its own candidate,
+        its entry (the diagonal: candidates lead the group) is set aside for every reduction."""
+        own_m, own_cv = h_m.diagonal(), h_cv.diagonal()
+        own_m.fill_(-math.inf)
+        self.hi_m[at] = h_m.amax(1, keepdim=True)
+        own_m.fill_(math.inf)
+        own_cv.fill_(math.inf)
+        self.lo_cv[at] = h_cv.amin(1, keepdim=True)
+        own_cv.fill_(-math.inf)
+        self.hi_cv[at] = h_cv.amax(1, keepdim=True)
+        value, column = nearest_candidates(h_m, min(self.k, h_m.shape[1]))
+        taken = slice(0, value.shape[1])
+        self.near[at, taken], self.index[at, taken] = value, self.groups[h][column]
+        self.near_cv[at, taken] = h_cv.gather(1, column)
 
     def _merge(self, at: slice, row: torch.Tensor, value: torch.Tensor, cls: torch.Tensor, cv: torch.Tensor) -> None:
         """Merge entries (row of ``at``, D_m value, class, D_cv value) into the running lists:
@@ -239,18 +246,18 @@ class _Nearest:
         row = torch.cat([torch.arange(len(touched), device=row.device).repeat_interleave(k), slot[row]])
         value, cls = torch.cat([self.near[lists].flatten(), value]), torch.cat([self.index[lists].flatten(), cls])
         cv = torch.cat([self.near_cv[lists].flatten(), cv])
-        order = cls.argsort(stable=True)
-        order = order[value[order].argsort(stable=True)]
+        bits = (value + 0.0).view(torch.int32).long()  # float order as integers (-0.0 made +0.0)
+        key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) * (1 << 32) + cls  # by value, then class
+        order = key.argsort()
         order = order[row[order].argsort(stable=True)]  # by row, then value, then class
         count = torch.bincount(row, minlength=len(touched))
         pick = order[(torch.cumsum(count, 0) - count)[:, None] + torch.arange(k, device=row.device)]
         self.near[lists], self.index[lists], self.near_cv[lists] = value[pick], cls[pick], cv[pick]
 
 
-def _reduce(block: torch.Tensor, axis: int, how) -> torch.Tensor:
-    """Per-row max or min (``how``) of a block whose classes run along ``axis``: ``[rows, 1]``."""
-    out = block.amax(axis) if how is max else block.amin(axis)
-    return out.unsqueeze(1)
+def _reduce(block: torch.Tensor, axis: int, how: str) -> torch.Tensor:
+    """Per-row ``"max"`` or ``"min"`` of a block whose classes run along ``axis``: ``[rows, 1]``."""
+    return (block.amax(axis) if how == "max" else block.amin(axis)).unsqueeze(1)
 
 
 def _root(d2: torch.Tensor) -> torch.Tensor:
