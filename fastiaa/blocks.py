@@ -92,3 +92,12 @@ def entries(block: torch.Tensor, bound: torch.Tensor, above: bool) -> tuple[torc
         row, column = np.divmod(flat, block.shape[1])
         return torch.from_numpy(row), torch.from_numpy(column)
     return torch.nonzero(block >= bound if above else block <= bound, as_tuple=True)
+
+
+def float_order(values: torch.Tensor) -> torch.Tensor:
+    """int64 of the same order as the float32 ``values``, in [-2**31, 2**31): the bit pattern as
+    a signed int32, negative floats with their magnitude bits flipped (-0.0 first made +0.0).
+    ``float_order(v) * 2**32 + i`` (0 <= i < 2**32) sorts by value, then by i: the exact tie
+    rules' one-key sorts."""
+    bits = (values.float() + 0.0).contiguous().view(torch.int32).long()
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)

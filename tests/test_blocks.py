@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastiaa.blocks import ROWS_MULTIPLE, PaddedProduct, block_pairs, entries, even_side, padded
+from fastiaa.blocks import ROWS_MULTIPLE, PaddedProduct, block_pairs, entries, even_side, float_order, padded
 
 
 def test_block_pairs_visit_each_unordered_pair_once_diagonal_first():
@@ -60,3 +60,11 @@ def test_entries_against_a_row_or_a_column_bound(above):
         want = torch.nonzero(block >= bound if above else block <= bound, as_tuple=True)
         assert torch.equal(i, want[0]) and torch.equal(j, want[1]) and i.dtype == torch.int64
     assert len(entries(block, torch.full((37, 1), np.inf), above=True)[0]) == 0
+
+
+def test_float_order_is_the_order_of_the_floats():
+    values = torch.tensor([-np.inf, -3.5, -1e-30, -0.0, 0.0, 1e-45, 0.25, 0.2500001, 7.0, np.inf])
+    key = float_order(values)
+    assert key.dtype == torch.int64 and bool((key[1:] >= key[:-1]).all()) and key[3] == key[4]
+    assert int((key[1:] == key[:-1]).sum()) == 1  # only -0.0 and +0.0 tie
+    assert torch.equal((float_order(values[[2, 2, 6]]) * 2**32 + torch.tensor([5, 1, 0])).argsort(), torch.tensor([1, 0, 2]))

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from fastiaa import memory
-from fastiaa.blocks import PaddedProduct, block_pairs, entries, even_side, padded
+from fastiaa.blocks import PaddedProduct, block_pairs, entries, even_side, float_order, padded
 
 __all__ = ["retrieval_metrics", "FAISS_GPU_MAX_K"]
 
@@ -314,15 +314,9 @@ class _Positives:
 
 
 def _rank_key(values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """int64 key whose decreasing order is the ranking order: similarity down, then index up.
-
-    The float32 bit pattern is mapped to a signed int32 of the same order (negative floats have
-    their magnitude bits flipped; -0.0 is first turned into +0.0) in the high 32 bits; the low
-    32 bits hold ``2**32 - 1 - index``.
-    """
-    bits = (values.float() + 0.0).contiguous().view(torch.int32).long()
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    return ordered * (1 << 32) + ((1 << 32) - 1 - indices)
+    """int64 key whose decreasing order is the ranking order: similarity down, then index up
+    (``fastiaa.blocks.float_order`` in the high 32 bits, ``2**32 - 1 - index`` in the low ones)."""
+    return float_order(values) * (1 << 32) + ((1 << 32) - 1 - indices)
 
 
 def _count_greater(block: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:

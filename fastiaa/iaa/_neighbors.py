@@ -30,7 +30,7 @@ import math
 import torch
 
 from fastiaa import memory
-from fastiaa.blocks import PaddedProduct, block_pairs, entries, even_side
+from fastiaa.blocks import PaddedProduct, block_pairs, entries, even_side, float_order
 
 SENTINEL = 1e12  # the official code's exclusion distance (docs/method.md §4, (c))
 
@@ -123,19 +123,15 @@ def neighbor_weights(
     side = even_side(max(rows.numel(), n.numel() - rows.numel()), most)
     nearest = _Nearest(rows, candidate, k, side, sentinel_normalization)
     products_m, products_cv = mean_distance.products(side), cov_distance.products(side)
-    h_m, h_cv = n.new_empty((side, side)), n.new_empty((side, side))  # D² − a row norm, reused
+    scratch_m, scratch_cv = n.new_empty((side, side)), n.new_empty((side, side))
     for g, h in block_pairs(len(nearest.groups), nearest.row_groups):
         a, b = nearest.groups[g], nearest.groups[h]
         inner_m, inner_cv = products_m(a, b), products_cv(a, b)
-        shape = inner_m.shape
-        for norms_m, norms_cv, rows_of, columns_of, axis in (
-            (mean_distance.norms[b], cov_distance.norms[b], g, h, 1),  # the rows of g against h
-            (mean_distance.norms[a][:, None], cov_distance.norms[a][:, None], h, g, 0),  # and of h against g
-        ):
-            if axis == 0 and (g == h or h >= nearest.row_groups):
-                continue
-            nearest.see(rows_of, columns_of, torch.add(norms_m, inner_m, alpha=-2, out=h_m[: shape[0], : shape[1]]),
-                        torch.add(norms_cv, inner_cv, alpha=-2, out=h_cv[: shape[0], : shape[1]]), axis)
+        nearest.see(g, h, _minus_row_norm(mean_distance.norms[b], inner_m, scratch_m),  # rows of g against h
+                    _minus_row_norm(cov_distance.norms[b], inner_cv, scratch_cv), axis=1)
+        if g != h and h < nearest.row_groups:  # the same block seen from the rows of h
+            nearest.see(h, g, _minus_row_norm(mean_distance.norms[a][:, None], inner_m, scratch_m),
+                        _minus_row_norm(cov_distance.norms[a][:, None], inner_cv, scratch_cv), axis=0)
 
     x_m = mean_distance.norms[nearest.classes[: rows.numel()]].unsqueeze(1)
     x_cv = cov_distance.norms[nearest.classes[: rows.numel()]].unsqueeze(1)
@@ -246,13 +242,17 @@ class _Nearest:
         row = torch.cat([torch.arange(len(touched), device=row.device).repeat_interleave(k), slot[row]])
         value, cls = torch.cat([self.near[lists].flatten(), value]), torch.cat([self.index[lists].flatten(), cls])
         cv = torch.cat([self.near_cv[lists].flatten(), cv])
-        bits = (value + 0.0).view(torch.int32).long()  # float order as integers (-0.0 made +0.0)
-        key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) * (1 << 32) + cls  # by value, then class
-        order = key.argsort()
+        order = (float_order(value) * (1 << 32) + cls).argsort()  # by value, then class
         order = order[row[order].argsort(stable=True)]  # by row, then value, then class
         count = torch.bincount(row, minlength=len(touched))
         pick = order[(torch.cumsum(count, 0) - count)[:, None] + torch.arange(k, device=row.device)]
         self.near[lists], self.index[lists], self.near_cv[lists] = value[pick], cls[pick], cv[pick]
+
+
+def _minus_row_norm(norms: torch.Tensor, inner: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """``norms − 2 inner`` in ``scratch``: D² less the norm of the class a row of it belongs to
+    (``norms``: those of the classes it is compared with, broadcast along the other axis)."""
+    return torch.add(norms, inner, alpha=-2, out=scratch[: inner.shape[0], : inner.shape[1]])
 
 
 def _reduce(block: torch.Tensor, axis: int, how: str) -> torch.Tensor:
