@@ -125,7 +125,7 @@ stage tests 100 "$RUN pytest -q -m gpu -rs -p no:cacheprovider -o pythonpath= te
 stage kernels 30 "$RUN bench.bench_kernels --device cuda --workers 8"
 stage synthesis 25 "$RUN bench.bench_synthesis --repeats 10"
 stage estimator 35 "$RUN bench.bench_estimator --gpu-only"
-stage eval 45 "$RUN bench.bench_eval --device cuda --methods fastiaa 'torch GEMM only'"
+stage eval 45 "$RUN bench.bench_eval --device cuda --methods 'fastiaa torch' 'full product'"
 stage train 120 "$RUN bench.bench_train --device cuda --loader torchvision --budget-s \$((STAGE_LIMIT - 30)) --out $LOGS/bench_train.md"
 stage dali 190 "$(declare -f unpack_dali); SITE='$SITE' PARTS='$PARTS'; unpack_dali && $RUN pytest -q -m gpu -rs -p no:cacheprovider -o pythonpath= tests/test_pipelines.py && $RUN bench.bench_pipeline --threads 8 && $RUN bench.bench_train --device cuda --loader dali --backbones googlenet --no-authors --budget-s 60 --out $LOGS/bench_train.md"
 

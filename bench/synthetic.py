@@ -2,6 +2,7 @@
 
 Embeddings (numpy, class centre + noise):
   sop_like           Stanford Online Products-shaped: classes of 2-12 images (docs/method.md §1)
+  inshop_like        In-Shop-shaped queries and gallery: items of 2-12 images, each on both sides
   cars_like          Cars-196 train-shaped: classes of 59-97 images
   catalogue          a retrieval catalogue and its queries: clusters of very different sizes
 Image folders in SOP format (``load_dataset("kanji", root)`` reads them, docs/method.md §1):
@@ -49,6 +50,22 @@ def sop_like(n: int, classes: int, dim: int, seed: int = 0) -> tuple[np.ndarray,
     centres = rng.standard_normal((classes, dim), dtype=np.float32)
     x = centres[labels] + 2.2 * rng.standard_normal((n, dim), dtype=np.float32)
     return x, labels.astype(np.int64)
+
+
+def inshop_like(queries: int, gallery: int, items: int, dim: int, seed: int = 0):
+    """(query [q, dim], query labels, gallery [g, dim], gallery labels): sop_like images of
+    ``items`` classes, each item's first image a query and its second in the gallery, the rest
+    split at random to give ``queries`` and ``gallery`` images."""
+    x, labels = sop_like(queries + gallery, items, dim, seed)
+    rng = np.random.default_rng(seed + 1)
+    order = np.argsort(labels, kind="stable")
+    first = np.r_[True, labels[order][1:] != labels[order][:-1]]
+    second = np.r_[False, first[:-1]]
+    rest = np.flatnonzero(~first & ~second)
+    to_query = np.zeros(len(x), bool)
+    to_query[order[first]] = True
+    to_query[order[rng.choice(rest, queries - int(first.sum()), replace=False)]] = True
+    return x[to_query], labels[to_query], x[~to_query], labels[~to_query]
 
 
 def cars_like(n: int, classes: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import logging
 import shlex
 import signal
 import sys
@@ -343,12 +344,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at each message (main may run again with another)."""
+
+    stream = property(lambda self: sys.stderr, lambda self, value: None)
+
+
+def _show_reports() -> None:
+    """fastiaa's one-line reports (e.g. the evaluator's backend choice) on stderr."""
+    log = logging.getLogger("fastiaa")
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("fastiaa: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. An error the user can act on (bad input, unreadable data, a full or
     read-only disk, a run that went non-finite) ends it with one line on stderr that says what went
     wrong and what to do, exit 2; Ctrl-C and SIGTERM end it with exit 130 / 143 (a training run then
     continues with --resume, a sweep when it is run again). A traceback means a bug in fastiaa; ``--debug`` shows it for everything."""
     args = build_parser().parse_args(argv)
+    _show_reports()
     handler = {"train": _cmd_train, "eval": _cmd_eval, "sweep": _cmd_sweep, "report": _cmd_report,
                "data": _cmd_data, "embed": _cmd_embed, "index": _cmd_index, "search": _cmd_search,
                "export": _cmd_export}[args.command]

@@ -47,7 +47,7 @@ def _moments_torch(embeddings, labels, num_classes, full):
     cancellation). Deterministic on the CPU (``index_add_``, ``bmm``)."""
     n, d = embeddings.shape
     count = torch.bincount(labels, minlength=num_classes)
-    rows = max(1, memory.block_elements(parts=8) // max(d, 1))
+    rows = max(1, memory.pass_elements(embeddings.device, parts=8) // max(d, 1))
     sums = embeddings.new_zeros((num_classes, d), dtype=torch.float64)
     for start in range(0, n, rows):
         sums.index_add_(0, labels[start:start + rows], embeddings[start:start + rows].double())

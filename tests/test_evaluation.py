@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fastiaa import memory
+from fastiaa.blocks import even_side
 from fastiaa.evaluation import metrics, retrieval_metrics
 
 BACKENDS = ("torch", "faiss")
@@ -345,3 +346,68 @@ def test_gpu_metrics_equal_the_cpu_ones(backend, clustered):
     on_cpu = retrieval_metrics(x, y, ks=(1, 2, 4), backend="torch")
     for key, value in on_cpu.items():
         assert on_gpu[key] == pytest.approx(value, abs=1e-12), key
+
+
+# symmetric blocks and the choice of backend ---------------------------------------------
+
+
+def symmetric_blocks(monkeypatch) -> list:
+    """Record the class-aligned blocks of every single-set torch pass."""
+    made = []
+    init = metrics._SymmetricRanker.__init__
+
+    def spy(self, *args):
+        init(self, *args)
+        made.append(self.bounds)
+
+    monkeypatch.setattr(metrics._SymmetricRanker, "__init__", spy)
+    return made
+
+
+@pytest.mark.parametrize("data", ["generic", "lattice"])
+@pytest.mark.parametrize("rows", [16, 48, 112])
+def test_symmetric_blocks_that_do_not_divide_n(data, rows, request, monkeypatch):
+    """The single-set torch pass on blocks of at most 16-112 rows (N = 300 and 240: many blocks,
+    none dividing N, a class never split): ties, duplicates across classes and blocks,
+    singletons and string labels give the float64 transcription's numbers."""
+    x, y = request.getfixturevalue(data)
+    made = symmetric_blocks(monkeypatch)
+    with pytest.warns(UserWarning, match="no positive"), memory.work_memory(rows * rows * 16 * 4 / 2**20):
+        assert metrics._SymmetricRanker.side() == rows
+        got = retrieval_metrics(x, y, ks=KS, backend="torch")
+        no_map = retrieval_metrics(x, y, ks=(1, 3, 50), map_at_r=False)
+    assert_same(got, brute_force(x, y, None, None, KS))
+    assert_same(no_map, brute_force(x, y, None, None, (1, 3, 50), map_at_r=False))
+    bounds, codes = np.array(made[0]), np.unique(y, return_inverse=True)[1]
+    largest = np.bincount(codes).max()
+    assert len(bounds) > 3 and np.diff(bounds).max() <= even_side(len(x), rows, slack=largest - 1) < len(x)
+    order = np.argsort(codes, kind="stable")
+    assert all(codes[order][b - 1] != codes[order][b] for b in bounds[1:-1])  # whole classes
+
+
+def test_class_larger_than_a_block_takes_the_query_chunks(lattice, monkeypatch):
+    x, y = lattice
+    y = y.copy()
+    y[:40] = 0  # a class of 40 or more: larger than 16-row blocks
+    made = symmetric_blocks(monkeypatch)
+    with pytest.warns(UserWarning, match="no positive"), memory.work_memory(16 * 16 * 16 * 4 / 2**20):
+        got = retrieval_metrics(x, y, ks=KS, backend="torch")
+    assert made == []
+    assert_same(got, brute_force(x, y, None, None, KS))
+
+
+@pytest.mark.parametrize("vendor,gallery_faiss", [("AMD", True), ("Intel", False), (None, False)])
+def test_auto_backend_on_a_cpu_follows_the_measured_rule_and_says_so_once(vendor, gallery_faiss, monkeypatch, caplog):
+    monkeypatch.setattr(metrics, "_cpu_vendor", lambda: vendor)
+    metrics._report_auto.cache_clear()
+    cpu = torch.device("cpu")
+    with caplog.at_level("INFO", logger="fastiaa.evaluation.metrics"):
+        for _ in range(2):
+            assert metrics._choose_backend("auto", cpu, True, False) == (False, False)  # symmetric pass
+            assert metrics._choose_backend("auto", cpu, False, False) == (gallery_faiss, False)
+    assert metrics._choose_backend("torch", cpu, False, False) == (False, False)
+    assert metrics._choose_backend("faiss", cpu, True, False) == (True, False)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and all(f"on this {vendor or 'unknown'} CPU" in line for line in lines)
+    assert "symmetric" in lines[0] and ("faiss" if gallery_faiss else "torch") in lines[1]
+    metrics._report_auto.cache_clear()

@@ -254,6 +254,25 @@ def _chunked_paths_match_loop(full):
     torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("full", [False, True])
+@pytest.mark.parametrize("sentinel", [False, True])
+def test_correction_on_blocks_that_do_not_divide_the_classes(full, sentinel):
+    """61 classes in blocks of at most 16 (four of rows, one of the rest): the rows on both sides
+    of each block, exact ties between duplicate classes in other blocks (the lower class wins),
+    singletons, unseen and large classes; the float64 loop's result."""
+    g = torch.Generator().manual_seed(5)
+    counts = torch.randint(0, 9, (61,), generator=g)
+    counts[[3, 17, 30, 44, 58]] = torch.tensor([45, 50, 41, 60, 40])
+    counts[[8, 25, 51]] = torch.tensor([1, 0, 1])
+    mean, cov, n = random_stats(61, 3, counts.tolist(), full, seed=5)
+    for a, b in ((2, 40), (2, 59), (11, 33), (20, 21)):  # duplicate classes, equal distances
+        mean[b], cov[b] = mean[a], cov[a]
+    with memory.work_memory(0.001):  # 16-class blocks
+        got = neighbor_correction(mean, cov, n, num_neighbors=4, official_sentinel_normalization=sentinel)
+    want = ref_correct(mean, cov, counts.tolist(), 4, sentinel=sentinel)
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-6)
+
+
 def test_correction_known_values():
     # three classes on a line; class 0 has 2 samples, its only candidates are 1 and 2
     mean = torch.tensor([[0.0], [1.0], [2.0]])

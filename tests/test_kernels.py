@@ -434,6 +434,24 @@ def test_lowrank_inner_products_and_correction_match_reference():
     assert rel_err(low.covariance(), expected) > 1e-2
 
 
+@torch_only
+def test_lowrank_correction_on_many_blocks_matches_dense():
+    """40 classes in 16-class blocks (inner products read, not recomputed): the dense result."""
+    from fastiaa import memory
+    from fastiaa.iaa import DenseStatistics, LowRankStatistics, neighbor_correction
+
+    g = torch.Generator().manual_seed(3)
+    labels = torch.repeat_interleave(torch.arange(40), torch.randint(0, 7, (40,), generator=g))
+    x = torch.randn(40, 5, generator=g)[labels] + 0.5 * torch.randn(labels.numel(), 5, generator=g)
+    dense, low = DenseStatistics(40, 5, covariance="full"), LowRankStatistics(40, 5, max_history=None)
+    dense.update(x, labels)
+    low.update(x, labels)
+    expected = neighbor_correction(dense.mean, dense.covariance(), dense.class_size, num_neighbors=3)
+    with memory.work_memory(0.001):
+        factor = low.corrected(num_neighbors=3, jitter=1e-9)
+    assert rel_err(factor.covariance(), expected) < 1e-5
+
+
 def test_lowrank_samples_match_dense_corrected_covariance():
     """Draws from the low-rank factor have the reference's dense corrected covariance (both backends)."""
     from fastiaa.iaa import neighbor_correction

@@ -1,7 +1,7 @@
 """Exact retrieval metrics: Recall@K, MAP@R and R-Precision (docs/method.md §8).
 
-Cosine similarity of L2-normalised embeddings, exact nearest neighbours, computed in
-chunks of queries so that no ``[Nq, Nr]`` similarity matrix is ever held whole.
+Cosine similarity of L2-normalised embeddings, exact nearest neighbours, computed in blocks
+so that no ``[Nq, Nr]`` similarity matrix is ever held whole.
 
 Ranking rule (deterministic): references are ordered by decreasing float32 cosine
 similarity; references with exactly equal similarity are ordered by increasing reference
@@ -12,22 +12,37 @@ bit, which can only swap two references whose similarities differ by about 1e-7)
 
 Every metric is derived from the ranks of each query's positives (same-label references):
 Recall@K from the rank of the first positive, MAP@R and R-Precision from the ranks of the
-first R positives. Two backends produce those ranks:
+first R positives; a rank is the number of references ranked before the positive. Two
+backends produce those ranks:
 
-- ``"torch"``: per chunk, one similarity block ``[c, Nr]`` (matrix product), the ranks of
-  the positives read off a short top-k list (``max(R, min(max K, 32))`` neighbours), and,
-  where Recall@K needs a first positive further down, its rank counted exactly in the block
-  row (bench/bench_eval.py compares it with a faiss search that lists ``max K`` neighbours).
+- ``"torch"``, single-set mode: one pass over the blocks of X Xᵀ, each unordered pair of
+  blocks once (``fastiaa.blocks``: half the multiply-adds of a full search). Rows are grouped
+  by class, every class inside one block, so a query's positives lie in its diagonal block:
+  their similarities come first, and every block then only counts, for the rows on both of its
+  sides, the references ranked before each positive (``_SymmetricRanker``). A class larger than
+  a block falls back to the query/gallery path.
+- ``"torch"``, query/gallery mode: per chunk of queries, one similarity block ``[c, Nr]``
+  (matrix product), the ranks of the positives read off a short top-k list (``max(R, min(max
+  K, 32))`` neighbours), and, where Recall@K needs a first positive further down, its rank
+  counted exactly in the block row.
 - ``"faiss"``: ``IndexFlatIP`` search of ``max(max K, R) + 1`` neighbours (+1 for the query
   itself in single-set mode), on the requested GPU (one ``StandardGpuResources`` per device and
   process, its temporary memory bounded by ``fastiaa.memory``, reused) or on the CPU; the
   positives' ranks are their positions in that list. Rows whose list ends inside a tie are
   recomputed by the torch path. A GPU search lists at most ``FAISS_GPU_MAX_K`` neighbours:
   ``"auto"`` takes the torch path beyond that (with a one-line warning).
+
+``"auto"``: on a GPU, faiss when faiss sees one, else torch. On a CPU, the symmetric torch
+pass in single-set mode (half the products of any full search); otherwise faiss on AMD
+processors and torch elsewhere (``_faiss_first_on_this_cpu``); the choice is logged once per
+process (logger ``fastiaa.evaluation.metrics``, shown by the ``fastiaa`` command).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import platform
 import warnings
 
 import numpy as np
@@ -35,8 +50,11 @@ import torch
 import torch.nn.functional as F
 
 from fastiaa import memory
+from fastiaa.blocks import PaddedProduct, block_pairs, entries, even_side, float_order, padded
 
 __all__ = ["retrieval_metrics", "FAISS_GPU_MAX_K"]
+
+logger = logging.getLogger(__name__)
 
 FAISS_GPU_MAX_K = 2048
 """Largest k a faiss GPU search accepts (faiss >= 1.7.3)."""
@@ -51,6 +69,9 @@ _BEYOND = torch.iinfo(torch.int64).max
 
 _NO_KEY = torch.iinfo(torch.int64).min
 """Sort key of padding entries: below the key of every finite similarity."""
+
+_TOP_KEY = torch.iinfo(torch.int64).max
+"""Threshold key of padding slots: no entry is ranked before it."""
 
 
 def retrieval_metrics(
@@ -79,10 +100,10 @@ def retrieval_metrics(
         map_at_r: also compute MAP@R and R-Precision.
         device: where the similarities are computed; None: the query embeddings' device (the
             CPU for numpy arrays).
-        backend: ``"auto"`` (faiss on GPU when faiss sees a GPU and ``device`` is not CPU, else
-            the torch backend), ``"torch"`` or ``"faiss"`` (faiss's GPU index when faiss sees a
-            GPU and ``device`` is not CPU, else its CPU index). All follow the ranking rule of
-            the module docstring and give the same results.
+        backend: ``"auto"`` (the faster exact backend for the device, mode and processor: module
+            docstring), ``"torch"`` or ``"faiss"`` (faiss's GPU index when faiss sees a GPU and
+            ``device`` is not CPU, else its CPU index). All follow the ranking rule of the
+            module docstring and give the same results.
 
     Returns:
         dict with ``"recall@K"`` for each K, ``"map@r"`` and ``"r_precision"`` (when
@@ -137,7 +158,8 @@ def retrieval_metrics(
         where = "references besides the query itself" if single else "references"
         raise ValueError(f"Recall@{max_k} needs at least {max_k} {where}; the reference set has {available}")
 
-    use_faiss, faiss_gpu = _choose_backend(backend, device, explicit_device=device_given)
+    symmetric = single and int(positives.count.max()) <= _SymmetricRanker.side()
+    use_faiss, faiss_gpu = _choose_backend(backend, device, symmetric, explicit_device=device_given)
     length = max(max_k, positives.max_r if map_at_r else 1)  # neighbours whose labels are read
     if use_faiss and faiss_gpu and length + 1 + int(single) > FAISS_GPU_MAX_K:
         why = (f"the faiss GPU index returns at most {FAISS_GPU_MAX_K} neighbours but {length + 1 + int(single)} "
@@ -149,6 +171,8 @@ def retrieval_metrics(
         use_faiss = False
     if use_faiss:
         ranker = _FaissRanker(r, positives, single, max_k, map_at_r, length, device if faiss_gpu else None)
+    elif symmetric:
+        ranker = _SymmetricRanker(q, positives, max_k, map_at_r)
     else:
         ranker = _TorchRanker(r, positives, single, max_k, map_at_r)
 
@@ -212,10 +236,15 @@ def _label_codes(query_labels, nq: int, reference_labels, nr: int) -> tuple[np.n
     return codes[:nq], codes[nq:]
 
 
-def _choose_backend(backend: str, device: torch.device, explicit_device: bool) -> tuple[bool, bool]:
-    """-> (use faiss, faiss on GPU)."""
-    if backend == "torch" or (backend == "auto" and device.type == "cpu"):
+def _choose_backend(backend: str, device: torch.device, symmetric: bool, explicit_device: bool) -> tuple[bool, bool]:
+    """-> (use faiss, faiss on GPU); ``symmetric``: the single-set pass of the torch backend applies."""
+    if backend == "torch":
         return False, False
+    if backend == "auto" and device.type == "cpu":
+        faiss_first = not symmetric and _faiss_first_on_this_cpu()
+        _report_auto(symmetric, faiss_first)
+        if not faiss_first:
+            return False, False
     try:
         import faiss
     except ImportError:
@@ -228,7 +257,35 @@ def _choose_backend(backend: str, device: torch.device, explicit_device: bool) -
             "device is CUDA but this faiss build sees no GPU (faiss-cpu): use device='cpu' or backend='torch'"
         )
     on_gpu = device.type == "cuda" and gpus > 0
-    return backend == "faiss" or on_gpu, on_gpu
+    return backend == "faiss" or on_gpu or device.type == "cpu", on_gpu
+
+
+@functools.lru_cache(maxsize=None)
+def _report_auto(symmetric: bool, faiss_first: bool) -> None:
+    """One log line per process and choice of ``backend="auto"`` on a CPU."""
+    how = "torch, symmetric blocks" if symmetric else "faiss" if faiss_first else "torch"
+    logger.info("retrieval_metrics(backend='auto') on this %s CPU: %s", _cpu_vendor() or "unknown", how)
+
+
+def _faiss_first_on_this_cpu() -> bool:
+    """The rule of ``"auto"`` on a CPU for passes over the whole reference set (query/gallery
+    mode, or a class larger than a symmetric block): faiss on AMD processors, torch elsewhere.
+    Measured with bench/bench_eval.py: torch's products (MKL) run slower than faiss's (OpenBLAS)
+    on AMD EPYC and faster on Intel (bench/RESULTS.md). A rule rather than a timing, so that one
+    machine always takes the same backend (records stay bit-for-bit reproducible)."""
+    return _cpu_vendor() == "AMD"
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_vendor() -> str | None:
+    """"AMD", "Intel" or None (unknown), from /proc/cpuinfo (Linux) or the platform."""
+    text = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as info:
+            text = next((line for line in info if line.startswith("vendor_id")), text)
+    except OSError:
+        pass
+    return "AMD" if "AMD" in text else "Intel" if "Intel" in text else None
 
 
 class _Positives:
@@ -257,15 +314,9 @@ class _Positives:
 
 
 def _rank_key(values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """int64 key whose decreasing order is the ranking order: similarity down, then index up.
-
-    The float32 bit pattern is mapped to a signed int32 of the same order (negative floats have
-    their magnitude bits flipped; -0.0 is first turned into +0.0) in the high 32 bits; the low
-    32 bits hold ``2**32 - 1 - index``.
-    """
-    bits = (values.float() + 0.0).contiguous().view(torch.int32).long()
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    return ordered * (1 << 32) + ((1 << 32) - 1 - indices)
+    """int64 key whose decreasing order is the ranking order: similarity down, then index up
+    (``fastiaa.blocks.float_order`` in the high 32 bits, ``2**32 - 1 - index`` in the low ones)."""
+    return float_order(values) * (1 << 32) + ((1 << 32) - 1 - indices)
 
 
 def _count_greater(block: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -349,6 +400,108 @@ class _TorchRanker:
             i, j = at[:, 0], at[:, 1]
             rank[i, j] = _count_before(block[i], value[i, j], idx[i, j])
         return rank
+
+
+class _SymmetricRanker:
+    """Single-set ranks from the blocks of X Xᵀ, each unordered pair of blocks once (module
+    docstring): rows grouped by class, every class inside one block of at most ``side`` rows.
+
+    Per query row: the keys of its positives (read in its diagonal block, which comes first:
+    ``fastiaa.blocks.block_pairs``, sorted), and per positive the number of references ranked
+    before it, counted in every block that holds the row, on the row side or the column side. A
+    count stops mattering once it reaches its cap (max(max K, R) for the first positive, R for
+    the others, 0 without MAP@R): a row's *floor* is the similarity of its lowest positive still
+    under its cap. Only the entries at or above a floor are keyed and counted, exactly; the
+    rest of a block costs one comparison per side.
+
+    Memory: the padded block and its two gathers (``fastiaa.blocks.PaddedProduct``), the
+    comparison masks, and four ``[N, max R]`` tables.
+    """
+
+    def __init__(self, x: torch.Tensor, positives: _Positives, max_k: int, map_at_r: bool):
+        n, device = len(x), x.device
+        self.positives = positives
+        self.order = positives.members  # [N] rows grouped by label: a class is contiguous
+        ends = np.cumsum(positives.count.cpu().numpy())
+        side = even_side(n, self.side(), slack=int(positives.count.max()) - 1)
+        self.bounds = [0]
+        while self.bounds[-1] < n:  # blocks of whole classes, at most `side` rows each
+            self.bounds.append(int(ends[np.searchsorted(ends, self.bounds[-1] + side, side="right") - 1]))
+        self.groups = [self.order[lo:hi] for lo, hi in zip(self.bounds[:-1], self.bounds[1:])]
+        self.product = PaddedProduct(x, side)
+        self.inverse = torch.empty_like(self.order)
+        self.inverse[self.order] = torch.arange(n, device=device)
+
+        r = positives.r[self.order]  # [N] R per row, in block order
+        self.width = max(positives.max_r, 1) if map_at_r else 1
+        slot = torch.arange(self.width, device=device)
+        first = torch.clamp(r, min=max_k) if map_at_r else torch.full_like(r, max_k)
+        rest = r if map_at_r else torch.zeros_like(r)
+        self.cap = torch.where(slot < r[:, None], torch.where(slot == 0, first[:, None], rest[:, None]), 0)
+        self.key = torch.full((n, self.width), _TOP_KEY, dtype=torch.int64, device=device)
+        self.value = torch.full((n, self.width), torch.inf, device=device)
+        self.count = torch.zeros((n, self.width), dtype=torch.int64, device=device)
+        self.floor = torch.full((n,), torch.inf, device=device)
+
+    @staticmethod
+    def side() -> int:
+        """Rows of a block (the working-memory budget: 16 blocks' worth, for the temporaries);
+        the largest class must fit in one."""
+        return padded(memory.block_side(parts=16))
+
+    def chunks(self, n: int):
+        return ((0, n),)  # one pass serves every query
+
+    def ranks(self, q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Same contract as ``_TorchRanker.ranks`` for the one chunk, every query (``q`` is the
+        embeddings given at construction)."""
+        for g, h in block_pairs(len(self.groups)):
+            block = self.product(self.groups[g], self.groups[h])
+            left, right = slice(*self.bounds[g:g + 2]), slice(*self.bounds[h:h + 2])
+            if g == h:
+                block.diagonal().fill_(-torch.inf)  # the query itself is no reference
+                self._thresholds(block, left)
+            self._count(block, left, right)
+        rank = torch.where(self.count < self.cap, self.count, _BEYOND)
+        out = torch.empty_like(rank)
+        out[self.order] = rank
+        return out
+
+    def _thresholds(self, block: torch.Tensor, rows: slice) -> None:
+        """The keys of the positives of ``rows``, read in their diagonal block, sorted."""
+        idx, valid = self.positives.table(self.order[rows])
+        local = torch.where(valid, self.inverse[idx] - rows.start, 0)
+        value = block.gather(1, local)
+        key = torch.where(valid, _rank_key(value, idx), _NO_KEY)
+        key, order = key.sort(dim=1, descending=True)
+        width = min(self.width, key.shape[1])
+        key, value = key[:, :width], value.gather(1, order[:, :width])
+        kept = key != _NO_KEY
+        self.key[rows, :width] = torch.where(kept, key, _TOP_KEY)
+        self.value[rows, :width] = torch.where(kept, value, torch.inf)
+        self._lift(rows)
+
+    def _count(self, block: torch.Tensor, rows: slice, columns: slice) -> None:
+        """Count, for the query rows on both sides of ``block`` (the similarities of ``rows`` to
+        ``columns``; one side on the diagonal), the entries ranked before each positive, where
+        the row's floor admits them."""
+        i, j = entries(block, self.floor[rows][:, None], above=True)  # row side
+        at, reference, value = rows.start + i, columns.start + j, block[i, j]
+        if rows != columns:  # column side: the same entries seen from the other group's rows
+            i, j = entries(block, self.floor[columns][None, :], above=True)
+            at, reference = torch.cat([at, columns.start + j]), torch.cat([reference, rows.start + i])
+            value = torch.cat([value, block[i, j]])
+        if len(at):
+            above = _rank_key(value, self.order[reference])[:, None] > self.key[at]
+            self.count.index_add_(0, at, above.long())
+            self._lift(rows)
+            self._lift(columns)
+
+    def _lift(self, at: slice) -> None:
+        """Floors of the rows ``at``: the similarity of their lowest positive under its cap."""
+        alive = (self.count[at] < self.cap[at]).sum(1)
+        lowest = self.value[at].gather(1, (alive - 1).clamp(min=0)[:, None]).squeeze(1)
+        self.floor[at] = torch.where(alive > 0, lowest, torch.inf)
 
 
 class _FaissRanker:

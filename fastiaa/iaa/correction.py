@@ -1,13 +1,14 @@
 """Neighbour correction of the class covariances (Eq. 9-16 of the paper, docs/method.md §4).
 
 All classes at once: the two class-by-class distance matrices come from Gram-matrix
-products, one block of rows at a time (never a full ``[C, C]`` matrix), the K nearest
-candidates per row from a batched ``topk``, and the weighted neighbour sums from a batched
-gather. Cost: two ``C x C x D`` products plus a few passes over ``[rows, C]`` blocks. For full
-covariances the covariance distance is the Frobenius norm, whose Gram product costs ``C² D²``
-operations, and the working memory is about three times the ``[C, D, D]`` covariance (a centred
-copy and the output; a fourth when some classes are not candidates). Only classes with α_k > 0
-are processed: with every class at n_k >= τ (CUB, Cars) the call returns a copy at once.
+products on symmetric blocks (each unordered pair of class blocks once, never a full ``[C, C]``
+matrix), the K nearest candidates per row from batched ``topk`` merged block by block, and the
+weighted neighbour sums from one sparse product. Cost: half of two ``C x C x D`` products (when
+every class is corrected) plus a few passes over each block. For full covariances the covariance
+distance is the Frobenius norm, whose Gram product costs ``C² D² / 2`` operations, and the
+working memory is about three times the ``[C, D, D]`` covariance (a centred copy and the
+output). Only classes with α_k > 0 are processed: with every class at n_k >= τ (CUB, Cars) the
+call returns a copy at once.
 
 The neighbour rule and its conventions (candidates, ties, normalisation, α) are those of
 ``fastiaa.iaa._neighbors``, which the low-rank path shares.
@@ -102,19 +103,20 @@ def neighbor_correction(
         return cov.clone().view(covariance.shape)
     k = min(int(num_neighbors), int(candidate.sum()))
     index, weight = neighbor_weights(
-        GramDistances(mean * mean, candidate), GramDistances(cov, candidate), n, candidate, rows, k,
+        GramDistances(mean * mean), GramDistances(cov), n, candidate, rows, k,
         sigma_m, sigma_cv, official_sentinel_normalization,
     )
 
     out = cov.clone()
-    step = max(1, memory.block_elements(parts=4) // max(1, k * cov.shape[1]))
+    step = max(1, memory.block_elements(parts=4) // max(1, cov.shape[1]))
     for lo in range(0, rows.numel(), step):
         r = rows[lo:lo + step]
         w = weight[lo:lo + step]
         w_sum = w.sum(1, keepdim=True)
-        gathered = cov.index_select(0, index[lo:lo + step].reshape(-1)).view(r.numel(), k, cov.shape[1])
-        neighbor = torch.bmm(w.unsqueeze(1), gathered).squeeze(1) / w_sum.clamp_min(torch.finfo(w.dtype).tiny)
-        neighbor = torch.where(w_sum > 0, neighbor, glob)
+        # Σ_i w_i Σ_i of each row as one sparse [rows, C] x [C, F] product (k entries a row)
+        at = torch.stack([torch.arange(r.numel(), device=device).repeat_interleave(k), index[lo:lo + step].flatten()])
+        sums = torch.sparse.mm(torch.sparse_coo_tensor(at, w.flatten(), (r.numel(), num_classes), check_invariants=False), cov)
+        neighbor = torch.where(w_sum > 0, sums / w_sum.clamp_min(torch.finfo(w.dtype).tiny), glob)
         a = alpha[r].unsqueeze(1)
         out[r] = (1 - a) * cov[r] + a * ((1 - gamma) * neighbor + gamma * glob)
     return out.view(covariance.shape)

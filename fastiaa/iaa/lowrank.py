@@ -237,8 +237,8 @@ class LowRankStatistics:
         rows = torch.nonzero(alpha > 0).squeeze(1)  # only classes with α > 0 take neighbours
         if k and rows.numel():
             index[rows], weight[rows] = neighbor_weights(
-                GramDistances(self.mean * self.mean, candidate),
-                _InnerProductDistances(self.covariance_inner_products(), candidate),
+                GramDistances(self.mean * self.mean),
+                _InnerProductDistances(self.covariance_inner_products()),
                 n, candidate, rows, k, sigma_m, sigma_cv,
             )
         w_sum = weight.sum(1)
@@ -282,18 +282,15 @@ class LowRankStatistics:
 
 
 class _InnerProductDistances:
-    """Distance blocks of D_cv (see ``fastiaa.iaa._neighbors``) from the Frobenius inner
-    products ``inner [C, C]`` = ⟨Σ_i, Σ_j⟩: D²(i, j) = ‖Σ_j‖² − 2⟨Σ_i, Σ_j⟩ + ‖Σ_i‖²."""
+    """D_cv in Gram form (see ``fastiaa.iaa._neighbors``) from the Frobenius inner products
+    ``inner [C, C]`` = ⟨Σ_i, Σ_j⟩: D²(i, j) = ‖Σ_i‖² + ‖Σ_j‖² − 2⟨Σ_i, Σ_j⟩."""
 
-    def __init__(self, inner: torch.Tensor, candidate: torch.Tensor) -> None:
+    row_elements = 0  # its blocks are read, not computed
+
+    def __init__(self, inner: torch.Tensor) -> None:
         self.inner = inner
         self.norms = inner.diagonal()
-        self.columns = None if bool(candidate.all()) else torch.nonzero(candidate).squeeze(1)
-        self.row_elements = inner.shape[1]
 
-    def __call__(self, rows: torch.Tensor, columns: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        columns = self.columns if columns is None else columns
-        block, norms = self.inner[rows], self.norms
-        if columns is not None:
-            block, norms = block[:, columns], norms[columns]
-        return block.mul_(-2.0).add_(norms.unsqueeze(0)), self.norms[rows].unsqueeze(1)
+    def products(self, side: int):
+        """``(a, b) -> inner[a][:, b]``."""
+        return lambda a, b: self.inner[a[:, None], b[None, :]]

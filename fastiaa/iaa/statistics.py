@@ -205,7 +205,7 @@ class DenseStatistics:
         if bool((count < 0).any()):
             raise ValueError("moment counts must be non-negative")
         present = count > 0
-        step = max(1, memory.block_elements(parts=8) // (d * d if self.full else d))
+        step = max(1, memory.pass_elements(self.device, parts=8) // (d * d if self.full else d))
         for lo in range(0, c, step):
             sl = slice(lo, lo + step)
             n_new = count[sl].double()
