@@ -4,6 +4,9 @@ For each setting, a ``fastiaa.train.Trainer`` of the kanji preset (data/kanji, t
 ``--loader``) is built, which with the cache on decodes both splits once (timed, "decode pass"),
 then one untimed warm-up of each pass and one timed run of: the evaluation (the 19,200 test
 images), a statistics refresh (the 19,200 train images) and a training epoch (40 steps of 96).
+The model's forward alone on as many random batches of the evaluation's shape as the evaluation
+has ("forward floor", timed in the cached process) is what no cache can remove from a pass: the
+share of a pass's time above it is the data work.
 ``--train-runs`` also times the whole ``fastiaa train --preset kanji`` both ways (two full runs,
 in child processes, one after the other; the metrics must agree).
 
@@ -40,9 +43,30 @@ def passes(cache: str, loader: str, device: str, out: str) -> dict:
         start = time.perf_counter()
         run()
         times[name] = time.perf_counter() - start
+    times["forward floor"] = forward_floor(trainer, len(trainer.dataset.test))
     images = {"evaluation": len(trainer.dataset.test), "refresh": len(trainer.dataset.train),
               "training epoch": len(trainer.train_loader) * cfg.optim.batch}
     return {"seconds": times, "images": images}
+
+
+def forward_floor(trainer, n: int) -> float:
+    """Seconds of the eval-mode forward over ``n`` images of random pixels, in evaluation-sized batches."""
+    import torch
+
+    cfg, model = trainer.cfg, trainer.model
+    batch = cfg.eval.eval_batch
+    x = torch.randn(batch, 3, cfg.data.image_size, cfg.data.image_size, device=trainer.device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    model.eval()
+    with torch.no_grad(), torch.autocast(trainer.device.type, dtype=trainer.amp or torch.float32,
+                                         enabled=trainer.amp is not None):
+        model(x)  # warm-up
+        start = time.perf_counter()
+        for first in range(0, n, batch):
+            model(x[:min(batch, n - first)])
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize(trainer.device)
+    return time.perf_counter() - start
 
 
 def train_run(cache: str, out: str) -> dict:
@@ -73,6 +97,8 @@ def main() -> None:
     for name in ("evaluation", "refresh", "training epoch"):
         n, a, b = off["images"][name], off["seconds"][name], on["seconds"][name]
         print(f"| {name} | {n} | {a:.1f} | {n / a:.0f} | {b:.1f} | {n / b:.0f} | {a / b:.2f}x |")
+    n, floor = on["images"]["evaluation"], on["seconds"]["forward floor"]
+    print(f"| model forward alone (no data), evaluation-sized | {n} | | | {floor:.1f} | {n / floor:.0f} | |")
     name = "build (decode pass when cached)"
     print(f"| trainer build (cache on: the decode pass of both splits) | | {off['seconds'][name]:.1f} | | "
           f"{on['seconds'][name]:.1f} | | |")

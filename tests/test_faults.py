@@ -30,7 +30,8 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def one_line_error(code: int, err: str, *needles: str) -> None:
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    """The command failed with exit code 2 and one line `fastiaa ...` holding every needle, no traceback."""
     lines = [line for line in err.splitlines() if line.startswith("fastiaa ")]
     assert code == 2 and "Traceback" not in err and len(lines) == 1, (code, err[-2000:])
     for needle in needles:
@@ -65,7 +66,7 @@ def records(run: Path) -> list[dict]:
     (["--aug_num", "50"], "--aug_num 50"),
 ], ids=lambda v: v if isinstance(v, str) else " ".join(v))
 def test_settings_that_cannot_learn_are_refused(capsys, data, tmp_path, flags, needle):
-    one_line_error(*run_cli(capsys, "train", *TINY, "--data", data, "--save-dir", tmp_path, *flags), needle)
+    assert_one_line_error(*run_cli(capsys, "train", *TINY, "--data", data, "--save-dir", tmp_path, *flags), needle)
     assert not (tmp_path / "kanji_efficientnet_lite0_ms_iaa_s0").exists()  # refused before anything was made
 
 
@@ -83,7 +84,7 @@ def test_unusual_lambda_passes_with_allow_unusual(data, tmp_path):
 def test_devices_that_are_not_there(capsys, data, tmp_path, flags, needle):
     if "cuda" in flags[-1] and torch.cuda.is_available():
         pytest.skip("a CUDA device is visible here")
-    one_line_error(*run_cli(capsys, "train", *TINY, "--data", data, "--save-dir", tmp_path, "--device", "cpu", *flags),
+    assert_one_line_error(*run_cli(capsys, "train", *TINY, "--data", data, "--save-dir", tmp_path, "--device", "cpu", *flags),
                    needle)
 
 
@@ -94,7 +95,7 @@ def test_devices_that_are_not_there(capsys, data, tmp_path, flags, needle):
     ("inshop", "In_Shop"), ("kanji", "fastiaa data kanji"),
 ])
 def test_missing_dataset_names_the_layout(capsys, tmp_path, dataset, needle):
-    one_line_error(*run_cli(capsys, "train", "--dataset", dataset, "--data", tmp_path / "none", "--save-dir",
+    assert_one_line_error(*run_cli(capsys, "train", "--dataset", dataset, "--data", tmp_path / "none", "--save-dir",
                             tmp_path), needle)
 
 
@@ -113,7 +114,7 @@ def test_malformed_list_file_names_the_file_and_line(capsys, data, tmp_path, dam
     else:
         lines[3] = " ".join(lines[3].split()[:2])
     listing.write_text("\n".join(lines) + "\n")
-    one_line_error(*run_cli(capsys, "train", *TINY, "--data", data, "--save-dir", tmp_path), needle)
+    assert_one_line_error(*run_cli(capsys, "train", *TINY, "--data", data, "--save-dir", tmp_path), needle)
 
 
 @pytest.mark.parametrize("cache", ["off", "ram"])
@@ -128,7 +129,7 @@ def test_every_unreadable_image_is_listed_before_training(capsys, data, tmp_path
     blob = (data / train[11]).read_bytes()
     (data / train[11]).write_bytes(blob[: len(blob) // 3])
     code, err = run_cli(capsys, "train", *TINY, "--data", data, "--save-dir", tmp_path, "--cache", cache)
-    one_line_error(code, err, "cannot be read", train[3].split("/")[-2], test[7].split("/")[-2],
+    assert_one_line_error(code, err, "cannot be read", train[3].split("/")[-2], test[7].split("/")[-2],
                    f"fastiaa data check --dataset kanji --data {data}")
     if cache == "ram":
         assert train[11].split("/")[-2] in err and "3 image(s)" in err
@@ -139,7 +140,7 @@ def test_every_unreadable_image_is_listed_before_training(capsys, data, tmp_path
 
 def test_save_dir_that_is_a_file(capsys, data, tmp_path):
     (tmp_path / "file").write_text("x")
-    one_line_error(*run_cli(capsys, "train", *TINY, "--data", data, "--save-dir", tmp_path / "file"),
+    assert_one_line_error(*run_cli(capsys, "train", *TINY, "--data", data, "--save-dir", tmp_path / "file"),
                    "is a file, not a folder", "--save-dir must name a folder")
 
 
@@ -156,7 +157,7 @@ def small_disk(tmp_path):
 
 def test_full_disk_gives_one_line_and_loses_nothing(capsys, data, small_disk):
     code, err = run_cli(capsys, "train", *TINY, "--data", data, "--save-dir", small_disk, "--name", "run")
-    one_line_error(code, err, "no space left on the device", "nothing already written was lost")
+    assert_one_line_error(code, err, "no space left on the device", "nothing already written was lost")
     run = small_disk / "run"
     assert [r["epoch"] for r in records(run)] == [0]               # the record written before the checkpoint
     assert not list(run.glob(".*")) and not (run / "last.pt").exists()  # no partial file anywhere
@@ -164,7 +165,7 @@ def test_full_disk_gives_one_line_and_loses_nothing(capsys, data, small_disk):
 
 def test_read_only_disk_is_refused_before_training(capsys, data, small_disk):
     assert subprocess.run(["mount", "-o", "remount,ro", str(small_disk)]).returncode == 0
-    one_line_error(*run_cli(capsys, "train", *TINY, "--data", data, "--save-dir", small_disk),
+    assert_one_line_error(*run_cli(capsys, "train", *TINY, "--data", data, "--save-dir", small_disk),
                    "cannot write there", "choose a writable --save-dir")
 
 
@@ -173,7 +174,7 @@ def test_read_only_disk_is_refused_before_training(capsys, data, small_disk):
 def test_nan_from_a_huge_learning_rate_stops_and_keeps_no_nan(capsys, data, tmp_path):
     code, err = run_cli(capsys, "train", *TINY, "--data", data, "--save-dir", tmp_path, "--name", "nan",
                         "--lr", "1e30", "--head-lr-mult", "1e5", "--intra", "0")  # the head's outputs overflow
-    one_line_error(code, err, "non-finite", "epoch 1")
+    assert_one_line_error(code, err, "non-finite", "epoch 1")
     last = tmp_path / "nan" / "last.pt"
     assert not last.exists() or all(torch.isfinite(v).all() for v in torch.load(last, weights_only=False)["model"].values())
 
@@ -182,7 +183,7 @@ def test_resume_with_other_settings_is_refused_with_the_list(capsys, data, tmp_p
     base = ["train", *TINY, "--data", data, "--save-dir", tmp_path, "--name", "r", "--epochs", "1", "--intra", "0"]
     assert run_cli(capsys, *base)[0] == 0
     code, err = run_cli(capsys, *base, "--resume", "--lr", "1e-3", "--beta", "0.2")
-    one_line_error(code, err, "--lr 5e-05 -> 0.001", "--beta 0.1 -> 0.2")
+    assert_one_line_error(code, err, "--lr 5e-05 -> 0.001", "--beta 0.1 -> 0.2")
     assert run_cli(capsys, *base, "--resume", "--workers", "2", "--log-every", "1")[0] == 0  # how it runs may change
 
 
@@ -202,7 +203,7 @@ def test_eval_on_wrong_checkpoints(capsys, tmp_path):
     for path, needle in ((tmp_path / "plain.pt", "not a checkpoint written by `fastiaa train`"),
                          (tmp_path / "junk.pt", "not a checkpoint written by fastiaa"),
                          (tmp_path / "none.pt", "no checkpoint at")):
-        one_line_error(*run_cli(capsys, "eval", "--checkpoint", path), needle)
+        assert_one_line_error(*run_cli(capsys, "eval", "--checkpoint", path), needle)
 
 
 # ---------------------------------------------------------------- kills and the processes a run leaves
