@@ -4,8 +4,8 @@ For each setting, a ``fastiaa.train.Trainer`` of the kanji preset (data/kanji, t
 ``--loader``) is built, which with the cache on decodes both splits once (timed, "decode pass"),
 then one untimed warm-up of each pass and one timed run of: the evaluation (the 19,200 test
 images), a statistics refresh (the 19,200 train images) and a training epoch (40 steps of 96).
-The model's forward alone on as many random batches of the evaluation's shape as the evaluation
-has ("forward floor", timed in the cached process) is what no cache can remove from a pass: the
+The model's forward alone on one real evaluation batch, fed as many times as the evaluation has
+batches ("forward floor", timed in the cached process) is what no cache can remove from a pass: the
 share of a pass's time above it is the data work.
 ``--train-runs`` also times the whole ``fastiaa train --preset kanji`` both ways (two full runs,
 in child processes, one after the other; the metrics must agree).
@@ -50,13 +50,12 @@ def passes(cache: str, loader: str, device: str, out: str) -> dict:
 
 
 def forward_floor(trainer, n: int) -> float:
-    """Seconds of the eval-mode forward over ``n`` images of random pixels, in evaluation-sized batches."""
+    """Seconds of the eval-mode forward over ``n`` images in evaluation-sized batches: one real batch
+    of the evaluation loader (its dtype and memory format) fed again and again, no data work."""
     import torch
 
-    cfg, model = trainer.cfg, trainer.model
-    batch = cfg.eval.eval_batch
-    x = torch.randn(batch, 3, cfg.data.image_size, cfg.data.image_size, device=trainer.device)
-    x = x.contiguous(memory_format=torch.channels_last)
+    model, batch = trainer.model, trainer.cfg.eval.eval_batch
+    x = next(iter(trainer.eval_loaders["test"])).images
     model.eval()
     with torch.no_grad(), torch.autocast(trainer.device.type, dtype=trainer.amp or torch.float32,
                                          enabled=trainer.amp is not None):

@@ -35,7 +35,9 @@ from bench.synthetic import kanji_subset
 def config(root: str, device: str, loader: str):
     from fastiaa.config import TrainConfig, preset_overrides
 
-    return TrainConfig.build(**{**preset_overrides("kanji"), "data": root, "device": device, "loader": loader})
+    # cache off: the trainer's pass decodes every image, as the embed command does (the same pipeline)
+    return TrainConfig.build(**{**preset_overrides("kanji"), "data": root, "device": device, "loader": loader,
+                                "cache": "off"})
 
 
 def load_embedder(checkpoint: str, paths: list[str], device: str):

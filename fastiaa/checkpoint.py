@@ -21,7 +21,10 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     """Call ``write(fileobj)`` on a temp file beside ``path``, fsync, then rename it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as error:  # named by the file the user asked for, not by the temporary one
+        raise OSError(error.errno, error.strerror, str(path)) from error
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -52,7 +55,8 @@ def _disk_error(error: BaseException) -> OSError | None:
 
 def check_writable(folder: str | os.PathLike) -> None:
     """Create ``folder`` and write (then remove) a file in it, so that a run learns at once, not at
-    its first checkpoint, that it cannot write there.
+    its first checkpoint, that it cannot write there; the folders it created are removed again (the
+    first write creates them), so that a run refused later leaves no empty folder behind.
 
     Raises:
         OSError: the folder cannot be created or written (a file stands there, read-only, full, ...).
@@ -61,10 +65,15 @@ def check_writable(folder: str | os.PathLike) -> None:
     for parent in (folder, *folder.parents):
         if parent.exists() and not parent.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, "a file, not a folder", str(parent))
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
     folder.mkdir(parents=True, exist_ok=True)
     probe = folder / ".write-check"
-    atomic_write_text(probe, "fastiaa")
-    probe.unlink()
+    try:
+        atomic_write_text(probe, "fastiaa")
+        probe.unlink()
+    finally:
+        for path in created:  # deepest first
+            path.rmdir()
 
 
 def remove_partial_writes(folder: str | os.PathLike, names) -> list[Path]:

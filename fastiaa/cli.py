@@ -13,6 +13,7 @@ import argparse
 import errno
 import json
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -246,13 +247,33 @@ def _cmd_report(args) -> int:
     return 0
 
 
+DEBUG_HELP = "show the full traceback of any error"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the house's one-line errors (what is wrong, where the help is), not the usage block;
+    every subcommand also takes ``--debug``, which a subcommand's default never turns off again."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def add_subparsers(self, **kwargs):
+        sub = super().add_subparsers(**kwargs)
+        add_parser = sub.add_parser
+
+        def with_debug(*args, **kw):
+            child = add_parser(*args, **kw)
+            child.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+            return child
+
+        sub.add_parser = with_debug
+        return sub
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show the full traceback of any error")
-    parser = argparse.ArgumentParser(prog="fastiaa", description="Fast IAA for deep metric learning", parents=[common])
+    parser = _Parser(prog="fastiaa", description="Fast IAA for deep metric learning")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
-    add_parser = sub.add_parser
-    sub.add_parser = lambda *a, **k: add_parser(*a, parents=[common], **k)  # --debug after the command too
     _train_parser(sub)
     ev = sub.add_parser("eval", help="Recall@K / MAP@R / R-Precision of a checkpoint")
     ev.add_argument("--checkpoint", required=True, help="a best.pt or last.pt written by `fastiaa train`")
@@ -381,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
                   else "a training run continues with --resume")
         print(f"fastiaa {args.command}: {how}; {resume}", file=sys.stderr)
         return code
+    except BrokenPipeError:  # the reader of the output left (`fastiaa ... | head`): nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and nothing to flush at exit
+        return 141
     except Exception as error:
         if args.debug or not _user_error(error):
             raise

@@ -6,12 +6,12 @@ every helper here is then the identity, so the trainer has a single code path.
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,18 @@ def shard(n: int, world: World) -> slice:
     return slice(start, start + per + (world.rank < extra))
 
 
+def data_parallel(model: torch.nn.Module, world: World) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel (itself in a world of one), without the buffer broadcast
+    of every forward: every BatchNorm is frozen (eval mode), so its buffers never change. The
+    parameter is ``forward_sync_buffers`` from torch 2.13 on, ``broadcast_buffers`` before."""
+    if not world.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    new = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    return DistributedDataParallel(model, **{"forward_sync_buffers" if new else "broadcast_buffers": False})
+
+
 def all_gather_grad(x: torch.Tensor, world: World) -> torch.Tensor:
     """Concatenate every rank's ``x`` (same shape on all ranks) along dim 0, keeping gradients.
 
@@ -66,7 +78,23 @@ def all_gather_grad(x: torch.Tensor, world: World) -> torch.Tensor:
     """
     if not world.distributed:
         return x
-    return torch.cat(dist_nn.all_gather(x), dim=0)
+    return _GatherWithGrad.apply(x, world)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather_grad's autograd: gather forward; backward, the sum over ranks of the gradient
+    of the gathered tensor, this rank's slice of it (all_reduce: gloo has no reduce_scatter)."""
+
+    @staticmethod
+    def forward(ctx, x, world):
+        ctx.world = world
+        return all_gather_equal(x, world)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(ctx.world.world_size)[ctx.world.rank], None
 
 
 def all_gather_equal(x: torch.Tensor, world: World) -> torch.Tensor:

@@ -25,6 +25,7 @@ from fastiaa.embeddings import fingerprint
 from fastiaa.pipelines import NORMALIZATIONS
 
 FORMATS = registry.EXPORT_FORMATS
+SUFFIXES = {"onnx": (".onnx",), "torchscript": (".ts", ".pt", ".pth")}
 
 
 class PixelEmbedder(nn.Module):
@@ -54,11 +55,14 @@ def export(checkpoint_path: str | os.PathLike, fmt: str, out: str | os.PathLike)
         the metadata written into the file, with ``max_abs_difference`` of that check.
 
     Raises:
-        FileNotFoundError: no checkpoint. ValueError: unknown format, not a fastiaa checkpoint,
-        an unknown backbone, or a file that disagrees with the PyTorch model by more than 1e-3.
+        FileNotFoundError: no checkpoint. ValueError: unknown format, an ``out`` not named as
+        ``SUFFIXES`` says, not a fastiaa checkpoint, an unknown backbone, or a file that disagrees
+        with the PyTorch model by more than 1e-3.
     """
     if fmt not in FORMATS:
         raise ValueError(f"export format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if not str(out).lower().endswith(SUFFIXES[fmt]):
+        raise ValueError(f"--out {out}: a {fmt} file's name ends in {' or '.join(SUFFIXES[fmt])}")
     state = checkpoint.load(checkpoint_path)
     cfg = checkpoint.config_of(state).replace(pretrained=False, device="cpu", channels_last=fmt == "torchscript")
     model = runtime.checkpoint_model(state, cfg, torch.device("cpu"))

@@ -92,10 +92,14 @@ class RetrievalIndex:
         """Index ``embeddings`` (normalised here); ``settings`` choose the kind.
 
         Raises:
-            ValueError: no embeddings, or IVF cells that outnumber them.
+            ValueError: no embeddings, a non-finite one, or IVF cells that outnumber them.
         """
         if len(embeddings.paths) == 0:
             raise ValueError("no embeddings to index")
+        bad = np.flatnonzero(~np.isfinite(embeddings.vectors).all(axis=1))
+        if len(bad):
+            raise ValueError(f"{len(bad)} embedding(s) hold NaN or Inf (the first of {embeddings.paths[bad[0]]}): "
+                             "embed those images again with `fastiaa embed`")
         return cls(_faiss_index(normalized(embeddings.vectors), settings), embeddings.paths, embeddings.labels,
                    embeddings.model, settings)
 

@@ -208,13 +208,15 @@ PHASES = {"last": "Last epoch",
 
 
 def last_and_best(records: list[dict]) -> tuple[dict, dict] | None:
-    """The last evaluated record of a run and its best one (highest Recall@K of the smallest K, the
-    earliest such epoch, as the trainer's ``best.pt``); None when no epoch was evaluated."""
+    """The last evaluated record of a run and its best one (highest Recall@K of the smallest K over the
+    trained epochs, the earliest such epoch, as the trainer's ``best.pt``; epoch 0, the model before
+    training, only when no trained epoch was evaluated); None when no epoch was evaluated."""
     evaluated = [r for r in records if any(k.startswith("recall@") for k in r)]
     if not evaluated:
         return None
     key = metric_keys(evaluated)[0]
-    return evaluated[-1], max(evaluated, key=lambda r: r[key])
+    trained = [r for r in evaluated if r["epoch"] > 0] or evaluated
+    return evaluated[-1], max(trained, key=lambda r: r[key])
 
 
 def spread(values) -> tuple[float, float | None, int]:

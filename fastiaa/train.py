@@ -19,7 +19,6 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from fastiaa import checkpoint, distributed, memory, registry, report, runtime
@@ -38,6 +37,7 @@ RUN_FILES = ("config.json", "metrics.jsonl", "losses_and_recalls.png", "retrieva
 # settings a resumed run may change: where and how fast it computes, not what (everything else must match)
 RESUMABLE_CHANGES = ("device", "workers", "log_every", "work_memory_mib", "cache", "cache_gib",
                      "cache_dir", "resume", "eval_every")
+RUN_MARKS = ("config.json", "metrics.jsonl", "last.pt")  # a folder with one of these holds a (started) run
 _NO_STEP = 2**62  # "no non-finite step yet" (a min-reduction across ranks keeps the first one)
 
 
@@ -53,6 +53,10 @@ class Trainer:
         self.amp = runtime.autocast_dtype(cfg.runtime.amp, self.device)
         checkpoint.seed_everything(cfg.runtime.seed)
         self.run_dir = cfg.run_dir()
+        if not cfg.runtime.resume and any((self.run_dir / name).is_file() for name in RUN_MARKS):
+            # checked by every rank before any rank writes (the DDP wrap below synchronises them)
+            raise FileExistsError(f"{self.run_dir} already holds a run; pass --resume to continue it, or "
+                                  "--name (or --save-dir) to start another one beside it")
         if self.world.is_main:
             checkpoint.check_writable(self.run_dir)
 
@@ -73,9 +77,7 @@ class Trainer:
         self.model = model.to(self.device, memory_format=fmt)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed crop sizes: tune the convolutions once
-        # every BatchNorm is frozen (eval mode): its buffers never change, nothing to broadcast
-        self.ddp = (DistributedDataParallel(self.model, broadcast_buffers=False) if self.world.distributed
-                    else self.model)
+        self.ddp = distributed.data_parallel(self.model, self.world)
 
         geometry = runtime.loader_geometry(cfg, self.dataset.resize, model.input_space, self.device)
         caches = runtime.build_caches(cfg, self.dataset, model.input_space, self.device, self.world)
@@ -234,14 +236,10 @@ class Trainer:
         if cfg.runtime.resume and (self.run_dir / "last.pt").is_file():
             self.resume()
             self._say(f"resumed from {self.run_dir / 'last.pt'} at epoch {self.first_epoch}")
-        else:
-            if cfg.runtime.resume:
-                self._say(f"--resume: {self.run_dir} holds no last.pt yet; starting the run from epoch 1")
-                if self.world.is_main:
-                    self.log.truncate(-1)  # records of a run killed before its first checkpoint: done again
-            elif self.log.records or (self.run_dir / "last.pt").is_file():
-                raise FileExistsError(f"{self.run_dir} already holds a run; pass --resume to continue it, or "
-                                      "--name (or --save-dir) to start another one beside it")
+        elif cfg.runtime.resume:
+            self._say(f"--resume: {self.run_dir} holds no last.pt yet; starting the run from epoch 1")
+            if self.world.is_main:
+                self.log.truncate(-1)  # records of a run killed before its first checkpoint: done again
         if self.world.is_main:
             checkpoint.atomic_write_text(self.run_dir / "config.json", cfg.to_json())
             if self.dataset.split_seed is not None:  # a split fastiaa drew: the run says which images it held out
@@ -293,7 +291,7 @@ class Trainer:
             report.plot(self.log.records, self.run_dir / "losses_and_recalls.png")
             self._say(summary_line(record, self.ks))
         key = f"recall@{self.ks[0]}"
-        if key in record and record[key] > self.best.get(key, -math.inf):
+        if record["epoch"] > 0 and key in record and record[key] > self.best.get(key, -math.inf):  # trained epochs
             self.best = dict(record)
             if self.world.is_main:
                 checkpoint.save(self.run_dir / "best.pt", {"epoch": record["epoch"], "config": self.cfg.to_dict(),

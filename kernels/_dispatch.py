@@ -33,18 +33,23 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def check_backend(name: str) -> str:
-    """Validate a backend name (the ``--kernels`` flag) and return it.
+def check_backend(name: str, device: torch.device | str | None = None) -> str:
+    """Validate a backend name (the ``--kernels`` flag) and return it; with ``device``, also that
+    ``"triton"`` can run there (a CUDA device, or any under the interpreter).
 
     Raises:
-        ValueError: unknown name, or ``"triton"`` while ``import triton`` fails (install the
-            ``triton`` wheel matching your torch, or pass ``--kernels torch``).
+        ValueError: unknown name, ``"triton"`` while ``import triton`` fails (install the
+            ``triton`` wheel matching your torch, or pass ``--kernels torch``), or ``"triton"`` on
+            a CPU ``device`` outside the interpreter.
     """
     if name not in BACKENDS:
         raise ValueError(f"kernel backend must be one of {', '.join(BACKENDS)}, got {name!r}")
     if name == "triton" and triton is None:
         raise ValueError(f"--kernels triton requested but Triton cannot be imported ({_TRITON_IMPORT_ERROR!r}); "
                          "install triton or use --kernels torch")
+    if name == "triton" and device is not None and torch.device(device).type != "cuda" and not interpreting():
+        raise ValueError(f"--kernels triton runs on CUDA devices, not on {device}: use --device cuda, or "
+                         "--kernels auto (Triton where it can run, PyTorch elsewhere)")
     return name
 
 

@@ -472,6 +472,7 @@ def test_csv_dataset_single_set_and_query_gallery(tmp_path, jpegs):
     ("path,split", ["img/0.jpg,train"], r"line 1 \(the header\) has no column label"),
     ("path,label,split", ["img/0.jpg,cat,train", "img/1.jpg,cat,val"], r"line 3: split 'val' is not one of train, test"),
     ("path,label,split", ["img/0.jpg,cat,train", "img/missing.jpg,cat,test"], r"line 3: image img/missing\.jpg does not exist"),
+    ("path,label,split", ["img/0.jpg,cat,train", "data.csv,cat,test"], r"line 3: data\.csv is not an image"),
     ("path,label,split", ["img/0.jpg,cat,train", "img/1.jpg,cat"], r"line 3: 2 fields, expected 3"),
     ("path,label,split", ["img/0.jpg,cat,train", "img/0.jpg,dog,test"], r"line 3: img/0\.jpg is listed again \(first on line 2\)"),
     ("path,label,split", ["img/0.jpg,,train"], r"line 2: empty label"),

@@ -80,12 +80,34 @@ def test_unusual_lambda_passes_with_allow_unusual(data, tmp_path):
     (["--device", "tpu"], "--device 'tpu': not a device"),
     (["--device", "cuda:0"], "--device cuda:0: no CUDA device is visible"),
     (["--cache", "device"], "--cache device keeps images in GPU memory"),
+    (["--kernels", "triton"], "--kernels triton runs on CUDA devices, not on cpu"),
 ])
 def test_devices_that_are_not_there(capsys, data, tmp_path, flags, needle):
     if "cuda" in flags[-1] and torch.cuda.is_available():
         pytest.skip("a CUDA device is visible here")
     assert_one_line_error(*run_cli(capsys, "train", *TINY, "--data", data, "--save-dir", tmp_path, "--device", "cpu", *flags),
                    needle)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--batch", "x"], "fastiaa train: error: argument --batch: invalid positive int value: 'x'"),
+    (["nosuch"], "fastiaa: error: argument command: invalid choice: 'nosuch'"),
+    (["index", "build", "--out", "x.index"], "fastiaa index build: error: the following arguments are required"),
+])
+def test_command_line_errors_are_one_line_naming_the_help(capsys, argv, needle):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.splitlines()) == 1 and err.startswith(needle), err
+    assert err.rstrip().endswith("--help)")
+
+
+@pytest.mark.parametrize("argv", [["--debug", "eval"], ["eval", "--debug"]], ids=["before", "after"])
+def test_debug_shows_the_traceback_before_or_after_the_command(tmp_path, argv):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        cli.main([*argv, "--checkpoint", str(tmp_path / "none.pt")])
+    with pytest.raises(FileNotFoundError, match="fastiaa embed --out"):   # a command two levels down
+        cli.main(["index", "build", "--debug", "--embeddings", str(tmp_path / "e.npy"), "--out", str(tmp_path / "i")])
 
 
 # ---------------------------------------------------------------- data that is missing or broken
@@ -137,6 +159,21 @@ def test_every_unreadable_image_is_listed_before_training(capsys, data, tmp_path
 
 
 # ---------------------------------------------------------------- outputs
+
+def test_folder_of_a_run_killed_before_its_first_record_is_not_taken_over(capsys, data, tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.json").write_text("{}")   # written at the start; the run died before its epoch-0 record
+    assert_one_line_error(*run_cli(capsys, "train", *TINY, "--data", data, "--save-dir", tmp_path, "--name", "r"),
+                          "already holds a run", "pass --resume")
+    assert (run / "config.json").read_text() == "{}"
+
+
+def test_refused_run_leaves_no_folder(capsys, tmp_path):
+    assert_one_line_error(*run_cli(capsys, "train", "--dataset", "kanji", "--data", tmp_path / "none", "--save-dir",
+                                   tmp_path / "runs"), "fastiaa data kanji")
+    assert not (tmp_path / "runs").exists()
+
 
 def test_save_dir_that_is_a_file(capsys, data, tmp_path):
     (tmp_path / "file").write_text("x")

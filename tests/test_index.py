@@ -41,6 +41,13 @@ def test_recall_from_the_index_is_the_evaluators(settings):
                                                               data.labels, ks=(1, 5), map_at_r=False)
 
 
+def test_non_finite_embeddings_are_refused_by_name():
+    data = clustered()
+    data.vectors[7, 3] = np.nan
+    with pytest.raises(ValueError, match=r"1 embedding\(s\) hold NaN or Inf \(the first of /img/7\.jpg\)"):
+        RetrievalIndex.build(data)
+
+
 def test_search_known_answer_and_self_exclusion():
     angles = np.radians([0.0, 30.0, 90.0, 180.0])
     x = np.stack([np.cos(angles), np.sin(angles)], 1) * [[1.0], [3.0], [0.5], [2.0]]  # lengths do not matter

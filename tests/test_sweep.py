@@ -301,3 +301,15 @@ def test_kanji_sweep_file_expands_to_three_arms_of_three_seeds():
                             official_zero_mean_singletons=False, official_sentinel_normalization=False,
                             name=iaa.runtime.name) == iaa
     assert plan.compare == (("ms_iaa", "ms"), ("ms_iaa_official", "ms_iaa"))
+
+
+def test_best_epoch_is_a_trained_epoch():
+    """Epoch 0 (the model before training) is recorded but chosen only when no trained epoch was
+    evaluated; ties go to the earliest epoch, as the trainer's best.pt."""
+    from fastiaa import report
+
+    records = [{"epoch": 0, "recall@1": 0.9}, {"epoch": 1, "loss": 1.0, "recall@1": 0.5},
+               {"epoch": 2, "loss": 0.9, "recall@1": 0.7}, {"epoch": 3, "loss": 0.8, "recall@1": 0.7}]
+    last, best = report.last_and_best(records)
+    assert (last["epoch"], best["epoch"]) == (3, 2)
+    assert report.last_and_best(records[:1])[1]["epoch"] == 0

@@ -109,7 +109,7 @@ class _Info:
     recall_ks: tuple[int, ...]
 
     def error(self, cls: type[DatasetError], path: Path, problem: str) -> DatasetError:
-        published = f" {self.title} is published at {self.source}." if self.source else ""
+        published = f" Where to get it: {self.source}." if self.source else ""
         return cls(f"{self.title}: {problem} ({path}). Expected layout of --data: {self.layout}.{published}")
 
 
@@ -392,8 +392,8 @@ def read_csv_rows(csv_path: str | os.PathLike, required: tuple[str, ...] = CSV_C
     Raises:
         DatasetNotFoundError: no such file. MalformedDatasetError: a missing column, a row with
         the wrong number of fields, an empty path or label, an unknown split, a bad is_query /
-        is_gallery value, a path listed twice or one that does not exist; the message names the
-        file and the line.
+        is_gallery value, a path listed twice, one that does not exist or that names no image
+        (``IMAGE_EXTENSIONS``); the message names the file and the line.
     """
     info = _DATASETS["csv"][0]
     csv_path = _absolute(csv_path)
@@ -443,6 +443,8 @@ def read_csv_rows(csv_path: str | os.PathLike, required: tuple[str, ...] = CSV_C
             raise bad(f"{rel} is listed again (first on line {seen[path]}); list each image once")
         if not os.path.isfile(path):
             raise bad(f"image {rel} does not exist ({path}; relative paths start at the CSV's folder)")
+        if not path.lower().endswith(IMAGE_EXTENSIONS):
+            raise bad(f"{rel} is not an image (names end in {', '.join(IMAGE_EXTENSIONS)}): list images only")
         seen[path] = reader.line_num
         rows.append(CsvRow(path, label, CSV_SPLITS[split.lower()], flag(fields, "is_query"),
                            flag(fields, "is_gallery"), reader.line_num))
@@ -513,7 +515,7 @@ _DATASETS: dict[str, tuple[_Info, Callable[[Path, _Info], dict]]] = {
         "square", (1, 10, 20, 30)), _read_inshop),
     "kanji": (_Info(
         "Kanji demo", "kanji", "Ebay_train.txt", _SOP_LAYOUT.format(folder="kanji"),
-        "no web site: build it locally with `fastiaa data kanji --out DIR` (fastiaa.data.build_kanji)",
+        "`fastiaa data kanji --out DIR` renders it here (fastiaa.data.build_kanji)",
         "square", (1, 2, 4, 8)), _read_sop),
     "folder": (_Info(
         "Folder dataset", None, "",

@@ -224,7 +224,8 @@ def build_kanji(out: str | os.PathLike, num_classes: int = 2400, fonts: Sequence
         ValueError: num_classes < 2 or image_size < 16.
     """
     if num_classes < 2 or image_size < 16:
-        raise ValueError(f"build_kanji needs num_classes >= 2 and image_size >= 16, got {num_classes}, {image_size}")
+        raise ValueError(f"the kanji demo needs at least 2 classes (--classes) and images of at least 16 px "
+                         f"(--size), got {num_classes} and {image_size}")
     out = Path(out)
     fonts = list(DEFAULT_FONTS if fonts is None else fonts)
     options = {"format": _FORMAT, "num_classes": num_classes, "fonts": fonts, "image_size": image_size, "seed": seed}

@@ -39,7 +39,8 @@ class BalancedBatchSampler:
         if len(eligible) < classes_per_batch:
             raise ValueError(
                 f"a batch needs {classes_per_batch} classes with two or more images, "
-                f"the labels have only {len(eligible)}; lower batch_size or images_per_class"
+                f"the labels have only {len(eligible)}; lower the batch size (--batch) or raise the images "
+                f"per class (--num_image_per_class)"
             )
         # dataset indices grouped by class: class k owns order[starts[k] : starts[k] + counts[k]]
         self._order = np.argsort(inverse, kind="stable")

@@ -77,8 +77,8 @@ class IAA:
         factor: the sampling factor of the latest refresh (None before the first).
 
     Raises:
-        ValueError: a setting out of range, an unknown form, or an official-code switch that the
-            chosen form does not offer.
+        ValueError: a setting out of range, an unknown form, an official-code switch that the
+            chosen form does not offer, or a ``backend`` that cannot run on ``device``.
     """
 
     def __init__(self, num_classes: int, dim: int, settings: IAAConfig | None = None, *, epochs: int,
@@ -86,7 +86,7 @@ class IAA:
                  backend: str = "auto", **overrides) -> None:
         s = dataclasses.replace(settings or IAAConfig(), **overrides)
         _check_settings(s, epochs)
-        self.settings, self.epochs, self.backend = s, int(epochs), kernels.check_backend(backend)
+        self.settings, self.epochs, self.backend = s, int(epochs), kernels.check_backend(backend, device)
         self.world = world or World()
         self.form = _resolve_form(s, num_classes, dim)
         if self.form == "lowrank":
