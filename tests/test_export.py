@@ -72,7 +72,8 @@ def test_export_of_an_unknown_backbone_is_refused(own_run, tmp_path, capsys):
 
 @pytest.mark.parametrize("fmt, out", [("onnx", "m.ts"), ("torchscript", "m.onnx")])
 def test_export_to_a_file_named_for_another_format_is_refused(own_run, tmp_path, capsys, fmt, out):
-    assert cli.main(["export", "--checkpoint", own_run["checkpoint"], "--format", fmt, "--out", str(tmp_path / out)]) == 2
+    assert cli.main(["export", "--checkpoint", str(own_run["checkpoint"]), "--format", fmt,
+                     "--out", str(tmp_path / out)]) == 2
     err = capsys.readouterr().err
     assert f"a {fmt} file's name ends in" in err and len(err.splitlines()) == 1
     assert not (tmp_path / out).exists()
